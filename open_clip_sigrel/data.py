@@ -1,0 +1,353 @@
+"""A small real-image image-text dataset built from scikit-learn's bundled handwritten digits.
+
+Why this dataset: tests, the demo and the quick start need real images with captions that an
+image-text model can actually learn, without downloading anything. ``sklearn.datasets.load_digits``
+(1,797 8x8 grayscale scans) ships inside the sklearn wheel. One digit alone gives only 10 captions,
+so each sample is a mosaic of K digits (default 2x2) captioned with the digits in reading order,
+e.g. ``"digits 3 7 1 9"``. Every caption is unique across train and val, so each image has exactly
+one positive text in any batch, which is what a contrastive (sigmoid) loss assumes.
+
+Layout written by :func:`make_digits_dataset` (all under ``output_dir``)::
+
+    train/0.tar, 1.tar, ...    webdataset shards, keys {idx:06d} with .png and .txt
+    train/nshards.txt          number of shards   (clip_benchmark local webdataset layout)
+    train/dataset_type.txt     "webdataset"
+    train/sizes.json           samples per shard  (lets open_clip infer --train-num-samples)
+    val/...                    same for val
+    images/{split}/{idx:06d}.png, train.csv, val.csv   (when csv=True; tab-separated
+                               columns filepath, title = open_clip's CSV defaults)
+    info.json                  the dict returned by make_digits_dataset
+
+``open-clip-sigrel make-data --output DIR`` is the CLI front end (``configure_parser``/``run``).
+"""
+from __future__ import annotations
+
+import argparse
+import csv as csv_module
+import io
+import json
+import math
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["make_digits_dataset", "ensure_digits_dataset", "configure_parser", "run"]
+
+DIGIT_SIZE = 8  # sklearn digits are 8x8
+DIGIT_MAX = 16  # sklearn digit intensities are integers 0..16
+# 10**18 < 2**63: digit sequences are drawn as int64 codes.
+MAX_DIGITS_PER_IMAGE = 18
+SPLITS = ("train", "val")
+# Parameters that define the content; ensure_digits_dataset reuses a dataset only if all match.
+_PARAM_KEYS = ("train_num_samples", "val_num_samples", "digits_per_image", "image_size", "shard_size", "seed")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    # bool is an int subclass; reject it so that e.g. n_val=True is not silently 1.
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _validate(n_train: Any, n_val: Any, digits_per_image: Any, image_size: Any, shard_size: Any,
+              seed: Any) -> tuple[int, int, int, int, int, int]:
+    n_train = _check_int("n_train", n_train, 1)
+    n_val = _check_int("n_val", n_val, 0)
+    k = _check_int("digits_per_image", digits_per_image, 1)
+    if k > MAX_DIGITS_PER_IMAGE:
+        raise ValueError(f"digits_per_image must be <= {MAX_DIGITS_PER_IMAGE}, got {k}")
+    image_size = _check_int("image_size", image_size, 1)
+    shard_size = _check_int("shard_size", shard_size, 1)
+    seed = _check_int("seed", seed, 0)
+    if n_train + n_val > 10**k:
+        raise ValueError(
+            f"n_train + n_val = {n_train + n_val} exceeds the {10**k} distinct captions possible with "
+            f"digits_per_image={k} (captions must be unique); lower the counts or raise digits_per_image"
+        )
+    return n_train, n_val, k, image_size, shard_size, seed
+
+
+def _grid_side(k: int) -> int:
+    """Mosaics are square grids (row-major reading order) so resizing keeps the digits' aspect ratio."""
+    return math.ceil(math.sqrt(k))
+
+
+def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [N, 8, 8] scaled to 0..255, labels int64 [N]) from the sklearn wheel; no download."""
+    from sklearn.datasets import load_digits  # imported lazily: sklearn import is slow
+
+    digits = load_digits()
+    images = np.rint(np.asarray(digits.images, dtype=np.float64) * (255.0 / DIGIT_MAX)).astype(np.uint8)
+    return images, np.asarray(digits.target, dtype=np.int64)
+
+
+def _draw_samples(n: int, k: int, labels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct digit sequences [n, k] and, per position, a random source image of that class [n, k]."""
+    codes = rng.choice(10**k, size=n, replace=False)  # distinct codes -> unique captions
+    powers = 10 ** np.arange(k - 1, -1, -1, dtype=np.int64)
+    seqs = (codes[:, None] // powers[None, :]) % 10
+    order = np.argsort(labels, kind="stable")  # source indices grouped by class
+    counts = np.bincount(labels, minlength=10)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    offsets = np.floor(rng.random((n, k)) * counts[seqs]).astype(np.int64)
+    return seqs, order[starts[seqs] + offsets]
+
+
+def _mosaic(cells: np.ndarray, image_size: int) -> Image.Image:
+    """Tile K 8x8 uint8 digits row-major on a square grid (empty cells black), resize, make RGB."""
+    k = len(cells)
+    side = _grid_side(k)
+    canvas = np.zeros((side * DIGIT_SIZE, side * DIGIT_SIZE), dtype=np.uint8)
+    for pos in range(k):
+        r, c = divmod(pos, side)
+        canvas[r * DIGIT_SIZE:(r + 1) * DIGIT_SIZE, c * DIGIT_SIZE:(c + 1) * DIGIT_SIZE] = cells[pos]
+    img = Image.fromarray(canvas, mode="L")
+    if image_size != canvas.shape[0]:
+        # Nearest keeps the pixels exact when upscaling; bilinear avoids aliasing when shrinking.
+        resample = Image.NEAREST if image_size > canvas.shape[0] else Image.BILINEAR
+        img = img.resize((image_size, image_size), resample=resample)
+    return img.convert("RGB")
+
+
+def _png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    # Fixed metadata (mtime 0, no owner) so shards are byte-identical for a given seed.
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _shard_spec(split_dir: Path, n_shards: int) -> str:
+    return str(split_dir / ("0.tar" if n_shards == 1 else f"{{0..{n_shards - 1}}}.tar"))
+
+
+def _write_split(tmp_root: Path, final_root: Path, split: str, pngs: list[bytes], captions: list[str],
+                 shard_size: int, write_csv: bool) -> tuple[str, str | None]:
+    """Write one split's shards (+ images and CSV) under tmp_root; paths returned point into final_root."""
+    split_dir = tmp_root / split
+    split_dir.mkdir()
+    n_shards = math.ceil(len(pngs) / shard_size)
+    sizes = {}
+    for s in range(n_shards):
+        lo, hi = s * shard_size, min((s + 1) * shard_size, len(pngs))
+        sizes[f"{s}.tar"] = hi - lo
+        with tarfile.open(split_dir / f"{s}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+            for idx in range(lo, hi):
+                _add_member(tar, f"{idx:06d}.png", pngs[idx])
+                _add_member(tar, f"{idx:06d}.txt", captions[idx].encode("utf-8"))
+    (split_dir / "nshards.txt").write_text(f"{n_shards}\n")
+    (split_dir / "dataset_type.txt").write_text("webdataset\n")
+    (split_dir / "sizes.json").write_text(json.dumps(sizes, indent=1) + "\n")
+
+    csv_path = None
+    if write_csv:
+        img_dir = tmp_root / "images" / split
+        img_dir.mkdir(parents=True)
+        final_img_dir = final_root / "images" / split
+        with open(tmp_root / f"{split}.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv_module.writer(f, delimiter="\t", lineterminator="\n")
+            writer.writerow(["filepath", "title"])
+            for idx, (png, caption) in enumerate(zip(pngs, captions)):
+                (img_dir / f"{idx:06d}.png").write_bytes(png)
+                writer.writerow([str(final_img_dir / f"{idx:06d}.png"), caption])
+        csv_path = str(final_root / f"{split}.csv")
+    return _shard_spec(final_root / split, n_shards), csv_path
+
+
+def _is_nonempty_dir(path: Path) -> bool:
+    return path.is_dir() and any(path.iterdir())
+
+
+def _read_info(output_dir: Path) -> dict | None:
+    try:
+        info = json.loads((output_dir / "info.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def _info_matches(info: dict | None, output_dir: Path, params: dict, csv: bool) -> bool:
+    """Same parameters, same location (paths inside are absolute) and the shards are really there."""
+    if info is None or any(info.get(key) != value for key, value in params.items()):
+        return False
+    if (info.get("train_csv") is not None) != csv:
+        return False
+    train_dir = output_dir / "train"
+    return (str(info.get("train_data", "")).startswith(str(train_dir) + os.sep)
+            and (train_dir / "0.tar").is_file() and (train_dir / "nshards.txt").is_file())
+
+
+def make_digits_dataset(
+    output_dir: str | os.PathLike,
+    *,
+    n_train: int = 2048,
+    n_val: int = 512,
+    digits_per_image: int = 4,
+    image_size: int = 32,
+    shard_size: int = 512,
+    seed: int = 0,
+    csv: bool = True,
+    overwrite: bool = False,
+) -> dict:
+    """Write the digit-mosaic dataset (webdataset shards, optional CSV) and return its description.
+
+    Deterministic for a given seed. Everything is written into a temporary sibling directory and
+    renamed into place at the end, so an interrupted run never leaves a dataset that looks complete.
+    A non-empty ``output_dir`` is refused unless ``overwrite=True``.
+
+    Returns a dict with ``train_data`` / ``val_data`` (brace-expanded shard specs for
+    ``--train-data`` / ``--val-data``; ``val_data`` is None when ``n_val == 0``), ``train_csv`` /
+    ``val_csv`` (None without csv), ``train_num_samples``, ``val_num_samples``, ``digits_per_image``,
+    ``image_size``, ``seed`` and ``shard_size``; the same dict is saved as ``output_dir/info.json``.
+    """
+    n_train, n_val, k, image_size, shard_size, seed = _validate(
+        n_train, n_val, digits_per_image, image_size, shard_size, seed)
+    output_dir = Path(output_dir).expanduser().absolute()
+    for bad in ("{", "}", "::", "\t", "\n"):
+        # Braces and '::' have meaning in webdataset shard specs; tabs/newlines would break the CSV.
+        if bad in str(output_dir):
+            raise ValueError(f"output_dir must not contain {bad!r}: {output_dir}")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FileExistsError(f"output path exists and is not a directory: {output_dir}")
+    if _is_nonempty_dir(output_dir) and not overwrite:
+        raise FileExistsError(f"output directory is not empty: {output_dir} (pass overwrite=True / --overwrite)")
+
+    images, labels = _load_digits()
+    rng = np.random.default_rng(seed)
+    n = n_train + n_val
+    seqs, sources = _draw_samples(n, k, labels, rng)
+    captions = ["digits " + " ".join(str(d) for d in row) for row in seqs.tolist()]
+    pngs = [_png_bytes(_mosaic(images[src], image_size)) for src in sources]
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_root = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        train_data, train_csv = _write_split(
+            tmp_root, output_dir, "train", pngs[:n_train], captions[:n_train], shard_size, csv)
+        val_data = val_csv = None
+        if n_val:
+            val_data, val_csv = _write_split(
+                tmp_root, output_dir, "val", pngs[n_train:], captions[n_train:], shard_size, csv)
+        info = {
+            "train_data": train_data,
+            "val_data": val_data,
+            "train_csv": train_csv,
+            "val_csv": val_csv,
+            "train_num_samples": n_train,
+            "val_num_samples": n_val,
+            "digits_per_image": k,
+            "image_size": image_size,
+            "seed": seed,
+            "shard_size": shard_size,
+        }
+        (tmp_root / "info.json").write_text(json.dumps(info, indent=2) + "\n")
+        os.chmod(tmp_root, 0o755)  # mkdtemp makes it 0700
+        _publish(tmp_root, output_dir, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+        raise
+    return info
+
+
+def _publish(tmp_root: Path, output_dir: Path, overwrite: bool) -> None:
+    """Rename the finished tmp dir onto output_dir (rename over an empty dir works on POSIX)."""
+    if output_dir.is_dir() and not any(output_dir.iterdir()):
+        output_dir.rmdir()  # portable: Windows cannot rename onto an existing directory
+    if not output_dir.exists():
+        os.replace(tmp_root, output_dir)
+        return
+    if not overwrite:  # someone else filled it meanwhile
+        raise FileExistsError(f"output directory is not empty: {output_dir} (pass overwrite=True / --overwrite)")
+    # Move the old dataset aside first so that output_dir is never half old, half new.
+    trash = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
+    os.replace(output_dir, trash / "old")
+    os.replace(tmp_root, output_dir)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def ensure_digits_dataset(output_dir: str | os.PathLike, **kw: Any) -> dict:
+    """Return ``output_dir/info.json`` if it describes a dataset built with the same parameters, else build.
+
+    Used as a cache by the demo, quick start and tests. A directory that already holds a digits
+    dataset (it has a readable info.json) but with other parameters is rebuilt in place; any other
+    non-empty directory is refused unless ``overwrite=True``. Keyword arguments are those of
+    :func:`make_digits_dataset`.
+    """
+    defaults = {"n_train": 2048, "n_val": 512, "digits_per_image": 4, "image_size": 32, "shard_size": 512,
+                "seed": 0, "csv": True, "overwrite": False}
+    unknown = set(kw) - set(defaults)
+    if unknown:
+        raise TypeError(f"unexpected keyword arguments: {sorted(unknown)}")
+    opts = {**defaults, **kw}
+    n_train, n_val, k, image_size, shard_size, seed = _validate(
+        opts["n_train"], opts["n_val"], opts["digits_per_image"], opts["image_size"], opts["shard_size"],
+        opts["seed"])
+    params = dict(zip(_PARAM_KEYS, (n_train, n_val, k, image_size, shard_size, seed)))
+    path = Path(output_dir).expanduser().absolute()
+    info = _read_info(path)
+    if _info_matches(info, path, params, bool(opts["csv"])):
+        return info
+    overwrite = bool(opts.pop("overwrite")) or info is not None
+    try:
+        return make_digits_dataset(path, **opts, overwrite=overwrite)
+    except FileExistsError:
+        # A concurrent caller may have built the same dataset between our check and our rename.
+        info = _read_info(path)
+        if _info_matches(info, path, params, bool(opts["csv"])):
+            return info
+        raise
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``open-clip-sigrel make-data``."""
+    parser.add_argument("--output", required=True, help="directory to create (train/, val/, images/, *.csv, info.json)")
+    parser.add_argument("--n-train", type=int, default=2048, help="number of training samples")
+    parser.add_argument("--n-val", type=int, default=512, help="number of validation samples (0: no val split)")
+    parser.add_argument("--digits-per-image", type=int, default=4,
+                        help="digits per mosaic (square grid, row-major); captions are unique, so "
+                             "n-train + n-val must be <= 10**digits-per-image")
+    parser.add_argument("--image-size", type=int, default=32, help="side of the square RGB output images, pixels")
+    parser.add_argument("--shard-size", type=int, default=512, help="samples per webdataset shard (.tar)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed; the dataset is deterministic for a seed")
+    parser.add_argument("--no-csv", action="store_true",
+                        help="write only webdataset shards, not the PNG files and tab-separated CSVs")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output directory")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the dataset from parsed CLI args; print a summary. Returns 0, or 2 on bad input."""
+    try:
+        info = make_digits_dataset(
+            args.output, n_train=args.n_train, n_val=args.n_val, digits_per_image=args.digits_per_image,
+            image_size=args.image_size, shard_size=args.shard_size, seed=args.seed, csv=not args.no_csv,
+            overwrite=args.overwrite,
+        )
+    except (ValueError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {info['train_num_samples']} train + {info['val_num_samples']} val digit mosaics "
+          f"({info['digits_per_image']} digits, {info['image_size']}x{info['image_size']} RGB) "
+          f"to {Path(info['train_data']).parent.parent}")
+    print(f"  --train-data '{info['train_data']}' --train-num-samples {info['train_num_samples']}")
+    if info["val_data"]:
+        print(f"  --val-data '{info['val_data']}' --val-num-samples {info['val_num_samples']}")
+    if info["train_csv"]:
+        print(f"  csv: --dataset-type csv --train-data {info['train_csv']}"
+              + (f" --val-data {info['val_csv']}" if info["val_csv"] else ""))
+    return 0
