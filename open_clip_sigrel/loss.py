@@ -98,7 +98,7 @@ def _accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 def _as_scalar_tensor(value, like: torch.Tensor, name: str) -> torch.Tensor:
     if not torch.is_tensor(value):
-        value = torch.tensor(float(value), device=like.device)
+        value = torch.tensor(float(value), dtype=torch.float64, device=like.device)
     if value.numel() != 1:
         raise ValueError(f"{name} must be a scalar (one element), got shape {tuple(value.shape)}")
     return value

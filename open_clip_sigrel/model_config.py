@@ -35,6 +35,7 @@ SHIPPED_CONFIG_DIR = Path(__file__).parent / "model_configs"
 
 _SIGREL_BLOCKS: dict[str, dict] = {}
 _bare_dir: Path | None = None
+_shipped: list[str] | None = None
 
 
 def parse_sigrel_block(block: dict, source: str = "config") -> dict:
@@ -102,8 +103,11 @@ def add_model_config(path: str | Path) -> list[str]:
 
 
 def register_shipped_configs() -> list[str]:
-    """Registers the configs that ship with the package (idempotent)."""
-    return add_model_config(SHIPPED_CONFIG_DIR)
+    """Registers the configs that ship with the package (once per process)."""
+    global _shipped
+    if _shipped is None:
+        _shipped = add_model_config(SHIPPED_CONFIG_DIR)
+    return list(_shipped)
 
 
 def get_sigrel_block(model_name: str) -> dict:

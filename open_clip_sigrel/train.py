@@ -90,6 +90,7 @@ def parse_args(argv: list[str], stock_parse_args=None) -> argparse.Namespace:
         print("\nopen_clip_train flags:\n")
         stock_parse_args(["--help"])
     ours, rest = plugin.parse_known_args(argv)
+    register_shipped_configs()  # sigrel-tiny, ViT-B-16-sigrel: usable with any --loss
     args = stock_parse_args(rest)
     for key, value in vars(ours).items():
         setattr(args, key, value)
@@ -120,7 +121,6 @@ def _resolve(args: argparse.Namespace) -> None:
     if args.sigrel_chunk_size is not None and args.sigrel_chunk_size < 1:
         _fail(f"--sigrel-chunk-size must be >= 1, got {args.sigrel_chunk_size}")
 
-    register_shipped_configs()
     block = get_sigrel_block(args.model)
     args.sigrel_fixed_rel_bias = args.sigrel_fixed_rel_bias or block.get("fixed_rel_bias", False)
     args.sigrel_fixed_logit_scale = args.sigrel_fixed_logit_scale or block.get("fixed_logit_scale", False)
