@@ -1,0 +1,226 @@
+"""End to end through the training entry on the shipped real-image data (CPU, offline)."""
+import json
+import math
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from open_clip_sigrel import train as sigrel_train
+
+LINE = re.compile(r"Logit Scale: ([\d.]+) .*?Loss: ([\d.]+) .*Rel Bias: (-?[\d.]+) Logit Bias: (-?[\d.]+)")
+
+
+def _argv(data, logs, name, *extra, epochs=2, val=True):
+    argv = [
+        "--model", "sigrel-tiny", "--train-data", data["train_data"],
+        "--train-num-samples", str(data["train_num_samples"]), "--dataset-type", "webdataset",
+        "--batch-size", "32", "--workers", "0", "--lr", "2e-3", "--warmup", "2", "--epochs", str(epochs),
+        "--log-every-n-steps", "1", "--logs", str(logs), "--name", name, "--device", "cpu", "--seed", "0",
+        "--report-to", "tensorboard",
+    ]
+    if val:
+        argv += ["--val-data", data["val_data"], "--val-num-samples", str(data["val_num_samples"])]
+    return argv + list(extra)
+
+
+def _train_lines(logs, name):
+    text = (Path(logs) / name / "out.log").read_text()
+    return [tuple(map(float, m.groups())) for m in LINE.finditer(text)]
+
+
+def _ckpt(logs, name, epoch):
+    return torch.load(Path(logs) / name / "checkpoints" / f"epoch_{epoch}.pt", map_location="cpu", weights_only=True)
+
+
+def _b_rel(sd):
+    return (-sd["logit_bias"] / sd["logit_scale"].exp()).item()
+
+
+@pytest.fixture(scope="module")
+def sigrel_run(digits_data, tmp_path_factory, monkeypatch_module):
+    """One single-process --loss sigrel run, with the optimizer and model captured."""
+    logs = tmp_path_factory.mktemp("logs")
+    seen = {}
+    original_adamw, original_enable = torch.optim.AdamW, sigrel_train.enable_rel_bias
+
+    class SpyAdamW(original_adamw):
+        def __init__(self, groups, **kw):
+            seen["groups"] = groups
+            super().__init__(groups, **kw)
+
+    def spy_enable(model, **kw):
+        seen["model"] = model
+        return original_enable(model, **kw)
+
+    monkeypatch_module.setattr(torch.optim, "AdamW", SpyAdamW)
+    monkeypatch_module.setattr(sigrel_train, "enable_rel_bias", spy_enable)
+    assert sigrel_train.main(_argv(digits_data, logs, "sigrel", "--loss", "sigrel")) == 0
+    return logs, seen
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def test_sigrel_trains_loss_falls_and_both_scalars_move(sigrel_run):
+    logs, _ = sigrel_run
+    lines = _train_lines(logs, "sigrel")
+    assert len(lines) >= 16
+    first, last = lines[0], lines[-1]
+    assert first[0] == pytest.approx(10.0, abs=1e-3) and first[2] == pytest.approx(1.0, abs=1e-3)
+    assert sum(x[1] for x in lines[-4:]) / 4 < 0.8 * sum(x[1] for x in lines[:4]) / 4  # loss falls
+    sd = _ckpt(logs, "sigrel", 2)["state_dict"]
+    assert "rel_bias" not in sd and abs(_b_rel(sd) - 1.0) > 1e-3 and abs(sd["logit_scale"].exp() - 10.0) > 1e-2
+    assert last[3] == pytest.approx(-last[0] * last[2], rel=1e-3, abs=1e-3)  # logged logit_bias = -t b_rel
+
+
+def test_t_and_rel_bias_are_in_the_no_weight_decay_group(sigrel_run):
+    _, seen = sigrel_run
+    model, groups = seen["model"], seen["groups"]
+    no_wd = next(g for g in groups if g["weight_decay"] == 0.0)
+    ids = {id(p) for p in no_wd["params"]}
+    assert id(model.rel_bias) in ids and id(model.logit_scale) in ids
+    assert all(id(model.rel_bias) not in {id(p) for p in g["params"]} for g in groups if g["weight_decay"] > 0)
+
+
+def test_geometry_metrics_reach_results_jsonl_and_tensorboard(sigrel_run):
+    logs, _ = sigrel_run
+    rows = [json.loads(x) for x in (Path(logs) / "sigrel" / "checkpoints" / "results.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for key in ("margin_mean", "margin_trimmed", "rel_bias_model", "linear_separability", "image_to_text_R@1"):
+        assert key in rows[-1]
+    t, b = rows[-1]["logit_scale"], rows[-1]["rel_bias_model"]
+    sd = _ckpt(logs, "sigrel", 2)["state_dict"]
+    assert t == pytest.approx(sd["logit_scale"].exp().item(), rel=1e-4) and b == pytest.approx(_b_rel(sd), rel=1e-4)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(Path(logs) / "sigrel" / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"val/margin_mean", "train/rel_bias", "train/logit_bias", "train/batch_margin_worst"} <= tags
+
+
+def test_checkpoint_loads_in_stock_open_clip_with_the_same_logits(sigrel_run, digits_data, python):
+    logs, seen = sigrel_run
+    ckpt = Path(logs) / "sigrel" / "checkpoints" / "epoch_2.pt"
+    cfg = Path(sigrel_train.__file__).parent / "model_configs" / "sigrel-tiny.json"
+    script = textwrap.dedent(f"""
+        import json, sys, tempfile, os, torch, open_clip
+        # What a user without the plugin does: take model_cfg from the hub-format config.
+        d = tempfile.mkdtemp(); p = os.path.join(d, "sigrel-tiny.json")
+        json.dump(json.load(open({str(cfg)!r}))["model_cfg"], open(p, "w")); open_clip.add_model_config(p)
+        model, _, _ = open_clip.create_model_and_transforms("sigrel-tiny", pretrained={str(ckpt)!r})
+        torch.manual_seed(0)
+        img, txt = torch.randn(4, 3, 32, 32), torch.randint(1, 1000, (4, 16))
+        with torch.no_grad():
+            logits, _ = model.get_logits(img, txt)
+        assert not any(m.startswith("open_clip_sigrel") for m in sys.modules), "plugin was imported"
+        print(json.dumps(logits.tolist()))
+    """)
+    out = subprocess.run([python, "-c", script], capture_output=True, text=True, check=True)
+    stock_logits = torch.tensor(json.loads(out.stdout.strip().splitlines()[-1]))
+    model = seen["model"].eval()
+    model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"])
+    torch.manual_seed(0)
+    img, txt = torch.randn(4, 3, 32, 32), torch.randint(1, 1000, (4, 16))
+    with torch.no_grad():
+        out = model(img, txt)
+        s = out["image_features"] @ out["text_features"].T
+        ours = out["logit_scale"] * (s - model.rel_bias)  # t (s - b_rel)
+    torch.testing.assert_close(stock_logits, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_resume_restores_t_and_rel_bias(sigrel_run, digits_data):
+    logs, _ = sigrel_run
+    sd = _ckpt(logs, "sigrel", 1)["state_dict"]
+    ckpt = Path(logs) / "sigrel" / "checkpoints" / "epoch_1.pt"
+    # lr 0: the first logged step shows exactly what was restored.
+    argv = _argv(digits_data, logs, "resumed", "--loss", "sigrel", "--resume", str(ckpt), "--lr", "0", val=False)
+    assert sigrel_train.main(argv) == 0
+    t, _, b, _ = _train_lines(logs, "resumed")[0]
+    assert t == pytest.approx(sd["logit_scale"].exp().item(), abs=1e-3)
+    assert b == pytest.approx(_b_rel(sd), abs=1e-4)
+
+
+def test_fixed_rel_bias_stays_fixed_while_t_moves(digits_data, tmp_path):
+    argv = _argv(digits_data, tmp_path, "fixed", "--loss", "sigrel", "--sigrel-fixed-rel-bias",
+                 "--sigrel-init-rel-bias", "0.3", "--sigrel-init-logit-scale", "5", epochs=1, val=False)
+    assert sigrel_train.main(argv) == 0
+    sd = _ckpt(tmp_path, "fixed", 1)["state_dict"]
+    assert _b_rel(sd) == pytest.approx(0.3, abs=1e-6)
+    assert abs(sd["logit_scale"].exp().item() - 5.0) > 1e-3
+
+
+def test_siglip_run_gets_geometry_too(digits_data, tmp_path):
+    assert sigrel_train.main(_argv(digits_data, tmp_path, "siglip", "--loss", "siglip", epochs=1)) == 0
+    row = json.loads((tmp_path / "siglip" / "checkpoints" / "results.jsonl").read_text().splitlines()[-1])
+    assert "margin_mean" in row and row["rel_bias_model"] == pytest.approx(
+        -row["logit_bias"] / row["logit_scale"], rel=1e-6)
+
+
+def test_torchrun_two_cpu_processes(digits_data, tmp_path, python):
+    cmd = [python, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+           "-m", "open_clip_sigrel.train", *_argv(digits_data, tmp_path, "ddp", "--loss", "sigrel",
+                                                   "--accum-freq", "2", val=False)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = _train_lines(tmp_path, "ddp")
+    assert lines and lines[-1][1] < lines[0][1]
+    sd = _ckpt(tmp_path, "ddp", 2)["state_dict"]
+    assert any(k.startswith("module.") for k in sd) and abs(
+        (-sd["module.logit_bias"] / sd["module.logit_scale"].exp()).item() - 1.0) > 1e-4
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--loss", "sigrel", "--model", "coca_ViT-B-32"], "CoCa"),
+        (["--loss", "sigrel", "--distill-model", "ViT-B-32", "--distill-pretrained", "x"], "distill"),
+        (["--loss", "hinge"], "invalid choice: 'hinge'"),
+        (["--loss", "clip", "--siglip"], "--siglip together with --loss clip"),
+        (["--loss", "sigrel", "--horovod"], "horovod"),
+        (["--loss", "sigrel", "--sigrel-init-rel-bias", "nan"], "must be finite"),
+        (["--loss", "sigrel", "--sigrel-init-logit-scale", "inf"], "finite and > 0"),
+        (["--loss", "sigrel", "--loss-dist-impl", "ring"], "--loss-dist-impl 'ring'"),
+        (["--loss", "sigrel", "--sigrel-fixed-logit-scale", "--sigrel-init-logit-scale", "500"], "clamp"),
+    ],
+)
+def test_bad_input_fails_before_any_work(extra, message, capsys):
+    base = ["--train-data", "x.tar", "--model", "sigrel-tiny"]
+    with pytest.raises(SystemExit) as exc:
+        sigrel_train.parse_args(base + extra)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_non_finite_loss_stops_with_step_and_values():
+    args = sigrel_train.parse_args(["--train-data", "x.tar", "--model", "sigrel-tiny", "--loss", "sigrel"])
+    run = sigrel_train.SigrelRun(args)
+    run.epoch, run.steps_per_epoch = 3, 10
+    monitor = sigrel_train.LossMonitor(sigrel_train.SigRelLoss(), run)
+    x = torch.full((4, 8), math.nan)
+    with pytest.raises(FloatingPointError, match=r"epoch 3, step 30"):
+        monitor(image_features=x, text_features=x, logit_scale=torch.tensor(10.0), logit_bias=torch.tensor(-10.0))
+
+
+def test_no_loss_flag_is_plain_open_clip():
+    args = sigrel_train.parse_args(["--train-data", "x.tar", "--model", "sigrel-tiny"])
+    assert args.loss is None and not args.siglip
+    import open_clip
+
+    args.distill, args.rank, args.world_size = False, 0, 1  # set by open_clip's main before create_loss
+    loss = sigrel_train.SigrelRun(args).create_loss(open_clip.create_loss, args)
+    assert type(loss.loss).__name__ == "ClipLoss"
+
+
+def test_help_lists_plugin_and_open_clip_flags(python):
+    out = subprocess.run([python, "-m", "open_clip_sigrel.train", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--sigrel-fixed-rel-bias" in out.stdout and "--train-data" in out.stdout
