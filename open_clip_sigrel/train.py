@@ -411,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     import open_clip_train.train as oc_train
 
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--"]:  # `torchrun ... -m open_clip_sigrel.train -- --logs ...` (torchrun's own --logs-specs)
+        argv = argv[1:]
     holder: dict = {}
 
     def parse(a):

@@ -2,6 +2,7 @@
 import json
 import math
 import re
+import socket
 import subprocess
 import sys
 import textwrap
@@ -167,10 +168,13 @@ def test_siglip_run_gets_geometry_too(digits_data, tmp_path):
 
 
 def test_torchrun_two_cpu_processes(digits_data, tmp_path, python):
-    cmd = [python, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
-           "-m", "open_clip_sigrel.train", *_argv(digits_data, tmp_path, "ddp", "--loss", "sigrel",
+    with socket.socket() as sock:  # torchrun needs a real port (0 hangs its rendezvous)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [python, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "open_clip_sigrel.train", "--", *_argv(digits_data, tmp_path, "ddp", "--loss", "sigrel",
                                                    "--accum-freq", "2", val=False)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = _train_lines(tmp_path, "ddp")
     assert lines and lines[-1][1] < lines[0][1]
