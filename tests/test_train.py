@@ -151,9 +151,25 @@ def test_resume_restores_t_and_rel_bias(sigrel_run, digits_data):
     assert b == pytest.approx(_b_rel(sd), abs=1e-4)
 
 
+def test_max_logit_scale_replaces_open_clips_clamp():
+    scale = torch.nn.Parameter(torch.tensor(math.log(500.0)))
+    model = torch.nn.Module()
+    model.logit_scale = scale
+    with torch.no_grad():
+        sigrel_train._ClampView(model, math.log(1000.0)).logit_scale.clamp_(0, math.log(100))
+    assert scale.exp().item() == pytest.approx(500.0)  # open_clip's ln(100) no longer applies
+    with torch.no_grad():
+        sigrel_train._ClampView(model, math.log(200.0)).logit_scale.clamp_(0, math.log(100))
+    assert scale.exp().item() == pytest.approx(200.0)
+    with torch.no_grad():
+        sigrel_train._ClampView(model, math.inf).logit_scale.clamp_(0, math.log(100))
+    assert scale.exp().item() == pytest.approx(200.0)
+
+
 def test_fixed_rel_bias_stays_fixed_while_t_moves(digits_data, tmp_path):
     argv = _argv(digits_data, tmp_path, "fixed", "--loss", "sigrel", "--sigrel-fixed-rel-bias",
-                 "--sigrel-init-rel-bias", "0.3", "--sigrel-init-logit-scale", "5", epochs=1, val=False)
+                 "--sigrel-init-rel-bias", "0.3", "--sigrel-init-logit-scale", "5",
+                 "--precision", "amp_bf16", "--grad-checkpointing", epochs=1, val=False)
     assert sigrel_train.main(argv) == 0
     sd = _ckpt(tmp_path, "fixed", 1)["state_dict"]
     assert _b_rel(sd) == pytest.approx(0.3, abs=1e-6)
