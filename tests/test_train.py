@@ -189,14 +189,53 @@ def test_torchrun_two_cpu_processes(digits_data, tmp_path, python):
         port = sock.getsockname()[1]
     cmd = [python, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            "-m", "open_clip_sigrel.train", "--", *_argv(digits_data, tmp_path, "ddp", "--loss", "sigrel",
-                                                   "--accum-freq", "2", val=False)]
+                                                   "--accum-freq", "2", "--sigrel-fixed-logit-scale", val=False)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = _train_lines(tmp_path, "ddp")
     assert lines and lines[-1][1] < lines[0][1]
     sd = _ckpt(tmp_path, "ddp", 2)["state_dict"]
-    assert any(k.startswith("module.") for k in sd) and abs(
-        (-sd["module.logit_bias"] / sd["module.logit_scale"].exp()).item() - 1.0) > 1e-4
+    # A frozen t raises no DDP unused-parameter error, stays put, and b_rel trains across ranks.
+    assert sd["module.logit_scale"].exp().item() == pytest.approx(10.0, rel=1e-6)
+    assert abs((-sd["module.logit_bias"] / sd["module.logit_scale"].exp()).item() - 1.0) > 1e-4
+
+
+def _stock_checkpoint(path, t, logit_bias):
+    import open_clip
+
+    from open_clip_sigrel.model_config import register_shipped_configs
+
+    register_shipped_configs()
+    model = open_clip.create_model("sigrel-tiny", init_logit_bias=logit_bias)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(t))
+    if logit_bias is None:
+        model.logit_bias = None
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "logit_bias,flags,expect_t,expect_b",
+    [
+        (-12.9, [], 117.8, 12.9 / 117.8),  # a SigLIP checkpoint: b_rel = -logit_bias / t = +0.11
+        (-12.9, ["--sigrel-init-rel-bias", "0.5"], 117.8, 0.5),  # an explicit flag wins
+        (None, [], 117.8, 1.0),  # no bias (a CLIP checkpoint): the default b_rel
+    ],
+)
+def test_pretrained_stock_checkpoint_starts_a_sigrel_fine_tune(tmp_path, logit_bias, flags, expect_t, expect_b):
+    import open_clip
+
+    ckpt = _stock_checkpoint(tmp_path / "stock.pt", 117.8, logit_bias)
+    args = sigrel_train.parse_args(
+        ["--train-data", "x.tar", "--model", "sigrel-tiny", "--loss", "sigrel", "--pretrained", str(ckpt), *flags]
+    )
+    run = sigrel_train.SigrelRun(args)
+    model, _, _ = run.create_model_and_transforms(
+        open_clip.create_model_and_transforms, args.model, args.pretrained, output_dict=True
+    )
+    assert model.sigrel_values["logit_scale"] == pytest.approx(expect_t, rel=1e-5)
+    assert model.sigrel_values["rel_bias"] == pytest.approx(expect_b, rel=1e-5)
 
 
 @pytest.mark.parametrize(
