@@ -17,7 +17,9 @@ s_ij <= b_rel - m for every i != j (Bangachev et al., arXiv 2509.18552). This mo
       (the b_rel-free sandwich). Derived here as well: P_i = U_i + V_i has |P_i|^2 in [2 + 2(b_rel + m), 4]
       and |P_i - P_j|^2 >= 16 m, so P_i / |P_i| is a code in R^d with max inner product c_b (see
       ``_p_code_inner_product``), giving N <= A(d, c_b); with b_rel free it is maximised over the
-      feasible b_rel. Thm 3.4 itself is the case c_b < 0 of this (Rankin's simplex bound).
+      feasible b_rel. c_b = c = 1 - 2m whenever 2 + 2 (b_rel + m) >= 4 (1 - 4m)^2; b_rel-free this holds
+      for m >= ~1/8 (exactly sqrt(8m (1 - 1/N)) >= 2 - 8m), and then the sandwich closes: N pairs fit
+      in R^d iff A(d, 1 - 2m) >= N.
 
 Bounds on A(n, c) (every one rigorous up to float64 rounding, which is guarded by small safety factors):
   exact: c >= 1 (unbounded), c < 0 (min(n + 1, floor(1 - 1/c)): Rankin + simplex), c = 0 (2n, Rankin +

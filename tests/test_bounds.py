@@ -234,3 +234,11 @@ def test_cli_errors() -> None:
     assert err.startswith("error: ") and "b_rel + m <= 1" in err
     rc, _, err = _cli("--n", "1", "--margin", "0.2", "--json")
     assert rc == 2 and "N >= 2" in err
+
+
+def test_sandwich_closes_for_margins_above_one_eighth() -> None:
+    # b_rel free and sqrt(8m (1 - 1/N)) >= 2 - 8m: N pairs fit in R^d iff A(d, 1 - 2m) >= N
+    for n in (10, 1000):
+        for m in (0.13, 0.2, 0.3, 0.45):
+            assert B._p_code_inner_product_free(n, m) == pytest.approx(1 - 2 * m, abs=1e-12)
+        assert B._p_code_inner_product_free(n, 0.1) > 0.8
