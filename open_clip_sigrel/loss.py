@@ -30,47 +30,78 @@ def auto_chunk_size(n_rows: int, n_cols: int) -> int:
     return max(1, min(n_rows, _CHUNK_ELEMENTS // max(n_cols, 1)))
 
 
-class _SoftplusPairSum(torch.autograd.Function):
-    """sum_ij softplus(t * (<x_i, y_j> - b)), blockwise, float32, gradient formed in forward.
+def _pair_block(x, y, t, b, chunk_size: int, *, py=None, py_overwrite=False, gy=None, want_p_sum=False):
+    """One block of pairs (rows of x against rows of y), in row chunks of x; plain tensors, no autograd.
 
-    d/dz softplus(z) = sigmoid(z), so per block: dL/dS = t * sigmoid(z), dL/dt = sum sigmoid(z) (S - b),
-    dL/db = -t * sum sigmoid(z). Only the O((n + m) d) gradients are saved for backward.
+    Returns (sum_ij softplus(z_ij), sum_ij P_ij) with z = t (x y^T - b), P = sigmoid(z), and adds
+    P y to ``py`` (or writes it, ``py_overwrite``) and P^T x to ``gy``, both unscaled by t.
+    Memory: one chunk x m block of logits and a quarter of it for softplus.
+    """
+    total, p_sum = x.new_zeros(()), x.new_zeros(())
+    for lo in range(0, x.shape[0], chunk_size):
+        xc = x[lo:lo + chunk_size]
+        z = torch.mm(xc, y.T).sub_(b).mul_(t)  # t * (S - b), the only block-wide buffer
+        for zp in z.split(-(-z.shape[0] // 4)):  # softplus in quarters of the block
+            total += torch.nn.functional.softplus(zp).sum()
+        if py is None and gy is None and not want_p_sum:
+            continue
+        p = z.sigmoid_()  # in place: z is no longer needed
+        if want_p_sum:
+            p_sum += p.sum()
+        if py is not None:
+            if py_overwrite:
+                torch.mm(p, y, out=py[lo:lo + chunk_size])
+            else:
+                py[lo:lo + chunk_size].addmm_(p, y)
+        if gy is not None:
+            gy.addmm_(p.T, xc)
+    return total, p_sum
+
+
+def _finish(x, y, t, b, total, p_sum, py, gy, positives: bool, need_t: bool):
+    """Loss value and gradients from the block sums (see _SoftplusPairSum); scales py / gy in place.
+
+    dL/dt = sum P (S - b) = <x, P y> - b sum P: no B x B buffer of S - b is needed, and scaling
+    by t once at the end (instead of P *= t per block) saves a pass over every block.
+    """
+    gt = torch.dot(x.reshape(-1), py.reshape(-1)) - b * p_sum if need_t else x.new_zeros(())
+    gb = -t * p_sum
+    if positives:
+        # sum_i logits_ii = t * (sum_i <x_i, y_i> - n b): the +1 labels, in O(n d).
+        pos = torch.dot(x.reshape(-1), y.reshape(-1)) - x.shape[0] * b
+        total = total - t * pos
+        gt = gt - pos
+        gb = gb + t * x.shape[0]
+    gx = None if py is None else (py.sub_(y) if positives else py).mul_(t)
+    if gy is not None:
+        gy = (gy.sub_(x) if positives else gy).mul_(t)
+    return total, gx, gy, gt, gb
+
+
+def _prepare(x, y, t, b):
+    acc = _accumulation_dtype(x, y)
+    return x.to(acc), y.to(acc), t.detach().to(acc).reshape(()), b.detach().to(acc).reshape(())  # no copy if acc
+
+
+class _SoftplusPairSum(torch.autograd.Function):
+    """sum_ij softplus(z_ij) [- sum_i z_ii], z = t * (<x_i, y_j> - b): blockwise, gradient formed in forward.
+
+    d/dz softplus(z) = sigmoid(z) =: P, so dL/dx = t (P y - [y]), dL/dy = t (P^T x - [x]),
+    dL/dt = sum P (S - b) - [sum_i z_ii / t], dL/db = -t (sum P - [n]); [.] is the positive
+    (diagonal) term, included when ``positives``. Only the O((n + m) d) gradients are saved.
     """
 
     @staticmethod
-    def forward(ctx, x, y, t, b, chunk_size: int):
+    def forward(ctx, x, y, t, b, chunk_size: int, positives: bool):
         need_x, need_y, need_t, need_b = ctx.needs_input_grad[:4]
-        need_any = need_x or need_y or need_t or need_b
-        acc = _accumulation_dtype(x, y)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            x32, y32 = x.to(acc), y.to(acc)
-            t32, b32 = t.detach().to(acc).reshape(()), b.detach().to(acc).reshape(())
-            total = x32.new_zeros(())
-            gx = torch.zeros_like(x32) if need_x else None
-            gy = torch.zeros_like(y32) if need_y else None
-            gt = x32.new_zeros(())
-            gb = x32.new_zeros(())
-            for lo in range(0, x32.shape[0], chunk_size):
-                xc = x32[lo:lo + chunk_size]
-                d = (xc @ y32.T).sub_(b32)  # S - b
-                z = d * t32
-                total += torch.nn.functional.softplus(z).sum()
-                if not need_any:
-                    continue
-                p = z.sigmoid_()  # in place: z is no longer needed
-                if need_t:
-                    gt += torch.dot(p.view(-1), d.view(-1))
-                if need_b:
-                    gb -= p.sum()
-                p.mul_(t32)  # dL/dS
-                if need_x:
-                    gx[lo:lo + chunk_size] = p @ y32
-                if need_y:
-                    gy.addmm_(p.T, xc)
-            gb *= t32
-        ctx.save_for_backward(
-            gx if need_x else None, gy if need_y else None, gt.reshape(t.shape), gb.reshape(b.shape)
-        )
+            x32, y32, t32, b32 = _prepare(x, y, t, b)
+            py = torch.empty_like(x32) if (need_x or need_t) else None  # P y, written block by block
+            gy = torch.zeros_like(y32) if need_y else None  # P^T x
+            total, p_sum = _pair_block(x32, y32, t32, b32, chunk_size, py=py, py_overwrite=True, gy=gy,
+                                       want_p_sum=need_t or need_b)
+            total, gx, gy, gt, gb = _finish(x32, y32, t32, b32, total, p_sum, py, gy, positives, need_t)
+        ctx.save_for_backward(gx if need_x else None, gy, gt.reshape(t.shape), gb.reshape(b.shape))
         ctx.dtypes = (x.dtype, y.dtype, t.dtype, b.dtype)
         return total
 
@@ -84,6 +115,148 @@ class _SoftplusPairSum(torch.autograd.Function):
             None if gy is None else (gy * grad).to(dy),
             (gt * grad).to(dt) if ctx.needs_input_grad[2] else None,
             (gb * grad).to(db) if ctx.needs_input_grad[3] else None,
+            None,
+            None,
+        )
+
+
+class _Ring:
+    """Where this rank sits and how text blocks travel (open_clip's bidir or shift pattern)."""
+
+    def __init__(self, rank: int, world_size: int, dist_impl: str):
+        self.rank, self.world, self.impl = rank, world_size, dist_impl
+
+    def peer(self, offset: int) -> int:
+        return (self.rank + offset) % self.world
+
+    def blocks(self, y: torch.Tensor) -> Iterator[tuple[torch.Tensor, int]]:
+        """Yields (texts of rank + offset, offset) for every other rank; no autograd."""
+        from open_clip.loss import neighbour_exchange, neighbour_exchange_bidir
+
+        left, right = self.peer(-1), self.peer(1)
+        if self.impl == "bidir":
+            to_left = to_right = y
+            num_bidir, remainder = divmod(self.world - 1, 2)
+            for i in range(1, num_bidir + 1):
+                from_right, from_left = neighbour_exchange_bidir(left, right, to_left, to_right)
+                to_left = to_right = None  # let the previous blocks go
+                yield from_right, i
+                if i == num_bidir:
+                    from_right = None  # not passed on: the remainder step sends to the right only
+                yield from_left, -i
+                to_left, to_right = from_right, from_left
+                from_right = from_left = None
+            if remainder:
+                to_left = None
+                received = neighbour_exchange(left, right, to_right)
+                to_right = None
+                yield received, -(num_bidir + 1)
+        else:  # shift
+            to_right = y
+            for k in range(1, self.world):
+                to_right = neighbour_exchange(left, right, to_right)
+                yield to_right, -k
+
+
+def _peer_blocks(x, y, t, b, chunk_size: int, ring: _Ring, *, py=None, gy=None, want_p_sum=False,
+                 send_scale=None):
+    """All pairs of this rank's images x with the other ranks' texts; returns (softplus sum, sum P).
+
+    Adds P y to ``py``. The texts' gradient P^T x of each peer block goes back to its owner at once
+    (times ``send_scale``), and what the other ranks computed for this rank's texts is added to
+    ``gy``: no per-peer gradient is kept. Peer blocks run over column groups of the texts, so the
+    gradient travels in slices, and the logits buffer (n x cols) holds at most n x d / 2 elements:
+    the received text blocks already take B x d each, so a smaller buffer keeps a rank's peak near
+    the single-rank one where a chunk of logits is large next to B x d. ``chunk_size`` still
+    bounds it (at most chunk x m elements).
+    """
+    import torch.distributed as dist
+
+    n, m = x.shape[0], y.shape[0]
+    cols = max(1, min(x.shape[1] // 2, (chunk_size * m) // max(n, 1)))
+    group_rows = max(cols, -(-m // 8))  # gradient messages: at most 8 per peer block
+    total, p_sum = x.new_zeros(()), x.new_zeros(())
+    for block, offset in ring.blocks(y):
+        for g0 in range(0, m, group_rows):
+            rows = block[g0:g0 + group_rows]
+            out = torch.zeros_like(rows) if gy is not None else None  # P^T x of these texts
+            for lo in range(0, rows.shape[0], cols):
+                s, ps = _pair_block(x, rows[lo:lo + cols], t, b, n, py=py, want_p_sum=want_p_sum,
+                                    gy=None if out is None else out[lo:lo + cols])
+                total += s
+                p_sum += ps
+            if out is not None:
+                if send_scale is not None:
+                    out.mul_(send_scale)
+                recv = torch.empty_like(out)
+                ops = [dist.P2POp(dist.isend, out, ring.peer(offset)),
+                       dist.P2POp(dist.irecv, recv, ring.peer(-offset))]
+                for req in dist.batch_isend_irecv(ops):
+                    req.wait()
+                gy[g0:g0 + recv.shape[0]].add_(recv)
+    return total, p_sum
+
+
+class _RingPairSum(torch.autograd.Function):
+    """This rank's sum over its images and every rank's texts (positives on the local block).
+
+    The texts travel without autograd (open_clip's bidir / shift exchanges) and each peer block's
+    text gradient is sent back to its owner during the forward pass (_peer_blocks), so a rank keeps
+    two O(B d) gradients whatever the world size; open_clip's autograd exchanges would keep every
+    peer block's gradients until backward. The gradient sent ahead assumes every rank back-propagates
+    its loss with the same upstream gradient (as DDP training does); backward checks that with one
+    all_reduce of two numbers and otherwise recomputes the text gradients, each rank's part scaled
+    by its own upstream gradient. Every rank must call backward, as with open_clip's exchanges.
+    """
+
+    @staticmethod
+    def forward(ctx, x, y, t, b, chunk_size: int, ring: _Ring):
+        need_x, need_y, need_t, need_b = ctx.needs_input_grad[:4]
+        want_p_sum = need_t or need_b
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x32, y32, t32, b32 = _prepare(x, y, t, b)
+            py = torch.empty_like(x32) if (need_x or need_t) else None
+            gy = torch.zeros_like(y32) if need_y else None
+            total, p_sum = _pair_block(x32, y32, t32, b32, chunk_size, py=py, py_overwrite=True, gy=gy,
+                                       want_p_sum=want_p_sum)
+            total_peers, p_sum_peers = _peer_blocks(x32, y32, t32, b32, chunk_size, ring, py=py, gy=gy,
+                                                    want_p_sum=want_p_sum)
+            total, gx, gy, gt, gb = _finish(x32, y32, t32, b32, total + total_peers, p_sum + p_sum_peers,
+                                            py, gy, True, need_t)
+        ctx.save_for_backward(gx if need_x else None, gy, gt.reshape(t.shape), gb.reshape(b.shape),
+                              x if need_y else None, y if need_y else None, t, b)
+        ctx.dtypes = (x.dtype, y.dtype, t.dtype, b.dtype)
+        ctx.chunk_size, ctx.ring = chunk_size, ring
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        gx, gy, gt, gb, x, y, t, b = ctx.saved_tensors
+        dx, dy, dt, db = ctx.dtypes
+        if gy is not None:
+            import torch.distributed as dist
+
+            g = grad.detach().reshape(()).to(torch.float64)
+            extremes = torch.stack([g, -g])
+            dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+            if bool(extremes[0] == -extremes[1]):
+                gy = gy * grad
+            else:  # ranks scale their losses differently: recompute, each part with its sender's factor
+                with torch.autocast(device_type=x.device.type, enabled=False):
+                    x32, y32, t32, b32 = _prepare(x, y, t, b)
+                    g32 = grad.detach().to(x32.dtype).reshape(())
+                    gy = torch.zeros_like(y32)
+                    _pair_block(x32, y32, t32, b32, ctx.chunk_size, gy=gy)
+                    gy.mul_(g32)
+                    _peer_blocks(x32, y32, t32, b32, ctx.chunk_size, ctx.ring, gy=gy, send_scale=g32)
+                    gy = gy.sub_(x32 * g32).mul_(t32)
+        return (
+            None if gx is None else (gx * grad).to(dx),
+            None if gy is None else gy.to(dy),
+            (gt * grad).to(dt) if ctx.needs_input_grad[2] else None,
+            (gb * grad).to(db) if ctx.needs_input_grad[3] else None,
+            None,
             None,
         )
 
@@ -162,13 +335,7 @@ def sigrel_loss(
         chunk_size = auto_chunk_size(n, text_features.shape[0])
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    total = _SoftplusPairSum.apply(image_features, text_features, t, b, int(chunk_size))
-    if not negatives_only:
-        # sum_i logits_ii = t * (sum_i <u_i, v_i> - B b_rel): the positive labels, in O(B d).
-        acc = total.dtype
-        with torch.autocast(device_type=image_features.device.type, enabled=False):
-            pos = (image_features.to(acc) * text_features.to(acc)).sum()
-            total = total - t.to(acc).reshape(()) * (pos - n * b.to(acc).reshape(()))
+    total = _SoftplusPairSum.apply(image_features, text_features, t, b, int(chunk_size), not negatives_only)
     return total / norm
 
 
@@ -201,6 +368,16 @@ def multimodal_sigrel_loss(
     return total / len(edges)
 
 
+def _ring_sigrel_sum(image_features, text_features, logit_scale, rel_bias, chunk_size, ring: _Ring):
+    """Sum of the loss terms of this rank's images against all ranks' texts (bidir / shift)."""
+    _check_features(image_features, text_features, paired=True)
+    t = _as_scalar_tensor(logit_scale, image_features, "logit_scale")
+    b = _as_scalar_tensor(rel_bias, image_features, "rel_bias")
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(image_features.shape[0], text_features.shape[0])
+    return _RingPairSum.apply(image_features, text_features, t, b, int(chunk_size), ring)
+
+
 def rel_bias_from_logit_bias(logit_bias: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """b_rel = -logit_bias / t (open_clip adds the bias, the paper subtracts it)."""
     return -logit_bias / logit_scale
@@ -213,8 +390,11 @@ class SigRelLoss(nn.Module):
     with t already exponentiated; a sigrel model reports ``logit_bias = -t * b_rel``, so
     b_rel = -logit_bias / t here and its gradient reaches the model's ``rel_bias`` exactly.
 
-    Across ranks each rank's image rows meet every rank's texts, exchanged with open_clip's own
-    helpers (``dist_impl`` in bidir, shift, reduce, gather); each exchanged block is reduced blockwise.
+    Across ranks each rank's image rows meet every rank's texts, exchanged in open_clip's patterns
+    (``dist_impl`` in bidir, shift, reduce, gather); each exchanged block is reduced blockwise.
+    bidir and shift (_RingPairSum) send each peer block's text gradient back to its owner during
+    the forward pass, so per-rank memory does not grow with the world size; reduce and gather use
+    open_clip's autograd collectives, which hold every rank's texts at once anyway.
     """
 
     def __init__(
@@ -236,26 +416,11 @@ class SigRelLoss(nn.Module):
         self.normalize, self.chunk_size = normalize, chunk_size
 
     def _peer_texts(self, text_features: torch.Tensor) -> Iterator[torch.Tensor | None]:
-        """Yields other ranks' text blocks (None where a collective returns this rank's own)."""
-        from open_clip.loss import neighbour_exchange_bidir_with_grad, neighbour_exchange_with_grad
+        """reduce / gather: other ranks' text blocks with autograd (None where it is this rank's own).
 
-        right = (self.rank + 1) % self.world_size
-        left = (self.rank - 1 + self.world_size) % self.world_size
-        if self.dist_impl == "bidir":
-            to_left = to_right = text_features
-            num_bidir, remainder = divmod(self.world_size - 1, 2)
-            for _ in range(num_bidir):
-                recv = neighbour_exchange_bidir_with_grad(left, right, to_left, to_right)
-                yield from recv
-                to_left, to_right = recv
-            if remainder:
-                yield neighbour_exchange_with_grad(left, right, to_right)
-        elif self.dist_impl == "shift":
-            to_right = text_features
-            for _ in range(self.world_size - 1):
-                to_right = neighbour_exchange_with_grad(left, right, to_right)
-                yield to_right
-        elif self.dist_impl == "reduce":
+        bidir and shift go through _RingPairSum instead, which keeps no per-peer gradients.
+        """
+        if self.dist_impl == "reduce":
             for i in range(self.world_size):
                 block = torch.distributed.nn.all_reduce(
                     text_features * (self.rank == i), torch.distributed.ReduceOp.SUM
@@ -278,9 +443,14 @@ class SigRelLoss(nn.Module):
             )
         rel_bias = rel_bias_from_logit_bias(logit_bias, logit_scale)
         kw = dict(normalize="sum", chunk_size=self.chunk_size)
-        total = sigrel_loss(image_features, text_features, logit_scale, rel_bias, **kw)
         n_cols = text_features.shape[0]
-        if self.world_size > 1:
+        if self.world_size > 1 and self.dist_impl in ("bidir", "shift"):
+            total = _ring_sigrel_sum(image_features, text_features, logit_scale, rel_bias, self.chunk_size,
+                                     _Ring(self.rank, self.world_size, self.dist_impl))
+            n_cols *= self.world_size
+        else:
+            total = sigrel_loss(image_features, text_features, logit_scale, rel_bias, **kw)
+        if self.world_size > 1 and self.dist_impl in ("reduce", "gather"):
             self._keep_graph = None
             for block in self._peer_texts(text_features):
                 if block is not None:
