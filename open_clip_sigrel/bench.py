@@ -1,0 +1,713 @@
+"""`open-clip-sigrel bench {loss,dist,train}`: time and peak memory of the sigrel loss vs open_clip's.
+
+    open-clip-sigrel bench loss --batch 4096,8192,16384 --dim 768 [--device cuda] [--dtype bf16] [--json]
+    open-clip-sigrel bench dist --world 1,2,4 --batch 2048 --dim 768 [--impl bidir] [--json]
+    open-clip-sigrel bench train [--steps 30] [--json]
+
+Every measurement runs in a fresh process, so its peak memory is its own and not what an earlier
+measurement left in the allocator.
+
+How peak extra memory is measured:
+  CUDA  torch.cuda.max_memory_allocated() minus memory_allocated() before the measured steps.
+  CPU   peak resident set size (RSS) minus the RSS before the measured steps. The kernel's RSS
+        high-water mark (VmHWM) is reset by writing "5" to /proc/self/clear_refs; where that is
+        not allowed a thread samples VmRSS every ~1 ms instead (getrusage's max RSS, which cannot
+        be reset, is the last resort off Linux). The process runs with glibc's
+        MALLOC_MMAP_THRESHOLD_ pinned at 64 KiB, so every large tensor is its own mmap and freed
+        memory goes back to the OS: RSS then follows the live tensors instead of what glibc keeps
+        cached. That makes allocation slower, so on CPU the time per step comes from a second
+        fresh process with the default allocator.
+  Both  the baseline is taken after the inputs exist and one warm-up step ran (thread pools and
+        communication buffers are set up once and are not the loss's memory); the peak covers
+        the measured steps, including the gradients of the inputs that backward creates.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import importlib.util
+import json
+import math
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+MIB = float(1 << 20)
+LOSS_IMPLS = ("sigrel", "open_clip", "siglip-kernel")
+DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
+DTYPES = ("fp32", "bf16")
+# Every tensor above 64 KiB gets its own mmap, returned to the OS on free (see the module docstring).
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
+_RESULT_PREFIX = "BENCH-RESULT "
+
+
+class BenchArgumentError(ValueError):
+    """A flag combination that cannot run (exit status 2)."""
+
+_BATCH_LINE = re.compile(r"Train Epoch: \d+ .*?Data \(t\): ([0-9.]+) Batch \(t\): ([0-9.]+)")
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``open-clip-sigrel bench {loss,dist,train}``."""
+    sub = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    p = sub.add_parser("loss", formatter_class=fmt,
+                       help="one process: forward + backward of sigrel vs open_clip's SigLipLoss")
+    p.add_argument("--batch", type=_int_list, default=[4096, 8192, 16384], help="batch sizes, comma separated")
+    p.add_argument("--dim", type=int, default=768, help="embedding dimension")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="dtype of the features")
+    p.add_argument("--repeats", type=int, default=3, help="timed steps per measurement (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time each implementation this many times, alternating the order (noisy machines)")
+    p.add_argument("--impls", type=_str_list, default=None,
+                   help=f"subset of {','.join(LOSS_IMPLS)} (default: all that apply; open_clip is always run)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads in each process (default: torch's)")
+    p.add_argument("--chunk-size", type=int, default=None, help="sigrel rows per block (default: the loss's)")
+    _add_output_flags(p)
+
+    p = sub.add_parser("dist", formatter_class=fmt,
+                       help="per-rank peak memory and time across gloo ranks on this machine")
+    p.add_argument("--world", type=_int_list, default=[1, 2, 4], help="world sizes, comma separated")
+    p.add_argument("--batch", type=int, default=2048, help="local batch per rank")
+    p.add_argument("--dim", type=int, default=768, help="embedding dimension")
+    p.add_argument("--impl", choices=DIST_IMPLS, default="bidir", help="dist_impl of both losses")
+    p.add_argument("--repeats", type=int, default=3, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per rank (default: usable cores // world, at least 1)")
+    _add_output_flags(p)
+
+    p = sub.add_parser("train", formatter_class=fmt,
+                       help="open_clip training steps of sigrel-tiny: --siglip vs --loss sigrel")
+    p.add_argument("--steps", type=int, default=30, help="training steps per run")
+    p.add_argument("--warmup-steps", type=int, default=5, help="first steps of each run left out of the median")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="runs per loss; the order alternates (siglip, sigrel, then sigrel, siglip, ...)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--model", default="sigrel-tiny")
+    p.add_argument("--data-dir", default=None,
+                   help="digit dataset cache (default: a folder in the system temp dir, built once)")
+    p.add_argument("--logs", default=None, help="keep the runs' logs here (default: a temporary folder)")
+    _add_output_flags(p)
+
+
+def _add_output_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
+    p.add_argument("--output", default=None, help="also write the JSON document to this file")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _str_list(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs the chosen benchmark; prints a table (or JSON). Returns 0, 1 if a measurement failed, 2 on bad input."""
+    for name in ("repeats", "steps", "rounds", "dim", "batch_size"):
+        if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
+            print(f"open-clip-sigrel bench: error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
+            return 2
+    if getattr(args, "warmup", 0) < 0 or getattr(args, "warmup_steps", 0) < 0:
+        print("open-clip-sigrel bench: error: warm-up counts must be >= 0", file=sys.stderr)
+        return 2
+    try:
+        doc = {"loss": bench_loss, "dist": bench_dist, "train": bench_train}[args.bench](args)
+    except BenchArgumentError as e:
+        print(f"open-clip-sigrel bench: error: {e}", file=sys.stderr)
+        return 2
+    text = json.dumps(doc, indent=2)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    if args.json:
+        print(text)
+    else:
+        print(format_report(doc))
+    return 1 if any(row.get("error") for row in doc["rows"]) else 0
+
+
+# ----------------------------------------------------------------------------- bench loss
+
+
+def bench_loss(args: argparse.Namespace) -> dict:
+    """Every (batch, implementation) in fresh processes; ratios against open_clip's SigLipLoss."""
+    impls = _loss_impls(args.device, args.impls)
+    base = {"dim": args.dim, "dtype": args.dtype, "device": args.device, "threads": args.threads,
+            "chunk_size": args.chunk_size}
+    rows, env = [], {}
+    for batch in args.batch:
+        cfg = {**base, "batch": batch}
+        by_impl: dict[str, dict] = {impl: {"batch": batch, "dim": args.dim, "dtype": args.dtype, "impl": impl}
+                                    for impl in impls}
+        times: dict[str, list[float]] = {impl: [] for impl in impls}
+        if args.device == "cpu":
+            for impl in impls:  # memory: one warm-up and one measured step, pinned allocator
+                res = _run_worker("loss", {**cfg, "impl": impl, "mode": "memory", "warmup": 1, "repeats": 1},
+                                  extra_env=MEMORY_ENV)
+                _merge(by_impl[impl], res, memory=True)
+                env = env or res.get("env", {})
+            for r in range(args.rounds):  # time: default allocator, order alternates between rounds
+                for impl in (impls if r % 2 == 0 else impls[::-1]):
+                    if by_impl[impl].get("error"):
+                        continue
+                    res = _run_worker("loss", {**cfg, "impl": impl, "mode": "time", "warmup": args.warmup,
+                                               "repeats": args.repeats})
+                    _merge(by_impl[impl], res, memory=False)
+                    times[impl] += res.get("times_ms", [])
+        else:  # CUDA's allocator statistics are exact: one process measures both
+            for r in range(args.rounds):
+                for impl in (impls if r % 2 == 0 else impls[::-1]):
+                    res = _run_worker("loss", {**cfg, "impl": impl, "mode": "both", "warmup": args.warmup,
+                                               "repeats": args.repeats})
+                    _merge(by_impl[impl], res, memory=True)
+                    times[impl] += res.get("times_ms", [])
+                    env = env or res.get("env", {})
+        for impl in impls:
+            row = by_impl[impl]
+            row["time_ms"] = statistics.median(times[impl]) if times[impl] and not row.get("error") else None
+            rows.append(row)
+        _add_ratios([by_impl[i] for i in impls], by_impl["open_clip"],
+                    {"time_ratio": "time_ms", "mem_ratio": "peak_extra_MiB"})
+    return {
+        "benchmark": "loss",
+        "columns": ["batch", "dim", "dtype", "impl", "time_ms", "peak_extra_MiB", "time_ratio", "mem_ratio"],
+        "rows": rows,
+        "environment": {**_environment(args.device), **env,
+                        "memory_method": env.get("memory_method", "cuda" if args.device == "cuda" else None),
+                        "repeats": args.repeats, "warmup": args.warmup, "rounds": args.rounds},
+        "notes": "time_ms: median step (forward + backward); peak_extra_MiB: peak memory over the inputs' "
+                 "(see `open-clip-sigrel bench --help` / open_clip_sigrel.bench); ratios: impl / open_clip.",
+    }
+
+
+def _loss_impls(device: str, requested: Sequence[str] | None) -> list[str]:
+    """sigrel and open_clip always; siglip-kernel (Triton) only on CUDA with the package installed."""
+    kernel_ok = device == "cuda" and importlib.util.find_spec("siglip_kernel") is not None
+    if requested is None:
+        return ["sigrel", "open_clip"] + (["siglip-kernel"] if kernel_ok else [])
+    unknown = set(requested) - set(LOSS_IMPLS)
+    if unknown:
+        raise BenchArgumentError(f"unknown --impls {sorted(unknown)}: choose from {', '.join(LOSS_IMPLS)}")
+    if "siglip-kernel" in requested and not kernel_ok:
+        raise BenchArgumentError("siglip-kernel needs --device cuda and the siglip-kernel package")
+    return ["open_clip"] + [i for i in LOSS_IMPLS if i in requested and i != "open_clip"]
+
+
+def _merge(row: dict, res: dict, memory: bool) -> None:
+    if res.get("error"):
+        row["error"] = row.get("error") or res["error"]
+        row.setdefault("peak_extra_MiB", None)
+        return
+    if memory:
+        row["peak_extra_MiB"] = res["peak_extra_bytes"] / MIB
+        row["loss"] = res.get("loss")
+
+
+def _add_ratios(rows: list[dict], ref: dict, ratios: dict[str, str]) -> None:
+    for row in rows:
+        for name, key in ratios.items():
+            a, b = row.get(key), ref.get(key)
+            row[name] = a / b if a is not None and b else None
+
+
+def _loss_worker(cfg: dict) -> dict:
+    """One measurement of one implementation at one size (runs in its own process)."""
+    import torch
+
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg["threads"])
+    device = torch.device(cfg["device"])
+    step, leaves = _loss_step(cfg, device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    out: dict[str, Any] = {"env": {"threads": torch.get_num_threads()}}
+
+    loss = None
+    for _ in range(cfg["warmup"]):
+        loss = step()
+    sync()
+    gc.collect()
+    meter = _CudaPeak() if device.type == "cuda" else PeakRSS()
+    times = []
+    with meter:
+        for _ in range(cfg["repeats"]):
+            t0 = time.perf_counter()
+            loss = step()
+            sync()
+            times.append((time.perf_counter() - t0) * 1e3)
+    out["loss"] = float(loss)
+    if cfg["mode"] in ("time", "both"):
+        out["times_ms"] = times
+    if cfg["mode"] in ("memory", "both"):
+        out["peak_extra_bytes"] = meter.peak_extra
+        out["env"]["memory_method"] = meter.method
+    return out
+
+
+def _loss_step(cfg: dict, device) -> tuple[Callable[[], Any], list]:
+    """A closure doing forward + backward (and dropping the gradients) on fixed random inputs."""
+    import torch
+    import torch.nn.functional as F
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg["dtype"]]
+    g = torch.Generator().manual_seed(cfg.get("seed", 0))
+    feats = [F.normalize(torch.randn(cfg["batch"], cfg["dim"], generator=g), dim=-1).to(device, dtype)
+             for _ in range(2)]
+    img, txt = (f.requires_grad_() for f in feats)
+    log_t = torch.tensor(math.log(10.0), device=device, requires_grad=True)
+    impl = cfg["impl"]
+    if impl == "sigrel":
+        from open_clip_sigrel.loss import SigRelLoss
+
+        loss_fn = SigRelLoss(chunk_size=cfg.get("chunk_size"))
+        b = torch.tensor(1.0, device=device, requires_grad=True)  # the model's trainable b_rel
+
+        def forward():
+            t = log_t.exp()
+            return loss_fn(img, txt, logit_scale=t, logit_bias=-t * b)
+    elif impl == "open_clip":
+        from open_clip.loss import SigLipLoss
+
+        loss_fn = SigLipLoss()
+        b = torch.tensor(-10.0, device=device, requires_grad=True)  # the model's trainable logit_bias
+
+        def forward():
+            return loss_fn(img, txt, logit_scale=log_t.exp(), logit_bias=b)
+    elif impl == "siglip-kernel":
+        from siglip_kernel import fused_siglip_loss
+
+        b = torch.tensor(-10.0, device=device, requires_grad=True)
+
+        def forward():
+            return fused_siglip_loss(img, txt, log_t, b)  # takes log t
+    else:
+        raise ValueError(f"unknown implementation {impl!r}")
+    leaves = [img, txt, log_t, b]
+
+    def step():
+        loss = forward()
+        loss.backward()
+        for leaf in leaves:
+            leaf.grad = None
+        return loss.detach()
+
+    return step, leaves
+
+
+# ----------------------------------------------------------------------------- memory meters
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+class PeakRSS:
+    """Peak RSS over a ``with`` block minus the RSS at its start, in bytes (``.peak_extra``).
+
+    ``.method`` says how: "vmhwm" (kernel high-water mark, reset via clear_refs), "sampler"
+    (VmRSS read every ~1 ms by a thread; misses spikes shorter than that) or "getrusage"
+    (max RSS since process start; a lower bound when the process peaked before the block).
+    """
+
+    def __init__(self, interval_s: float = 0.001):
+        self.interval_s = interval_s
+        self.method = ""
+        self.peak_extra = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._sampled = 0
+
+    def __enter__(self) -> PeakRSS:
+        try:
+            self._base = _proc_status_kib("VmRSS")
+        except OSError:
+            import resource
+
+            self.method = "getrusage"
+            self._base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            return self
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            if _proc_status_kib("VmHWM") <= _proc_status_kib("VmRSS") + 64:
+                self.method = "vmhwm"
+                return self
+        except OSError:
+            pass
+        self.method = "sampler"
+        self._sampled = self._base
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._sampled = max(self._sampled, _proc_status_kib("VmRSS"))
+            time.sleep(self.interval_s)
+
+    def __exit__(self, *exc) -> None:
+        if self.method == "getrusage":
+            import resource
+
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            if sys.platform == "darwin":  # bytes there, KiB on Linux
+                peak, self._base = peak // 1024, self._base // 1024
+        elif self.method == "vmhwm":
+            peak = _proc_status_kib("VmHWM")
+        else:
+            self._stop.set()
+            self._thread.join()
+            peak = max(self._sampled, _proc_status_kib("VmRSS"))
+        self.peak_extra = max(0, peak - self._base) * 1024
+
+
+class _CudaPeak:
+    """torch.cuda.max_memory_allocated() over the block minus memory_allocated() at its start."""
+
+    method = "cuda_max_memory_allocated"
+
+    def __enter__(self) -> _CudaPeak:
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self._base = torch.cuda.memory_allocated()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        torch.cuda.synchronize()
+        self.peak_extra = torch.cuda.max_memory_allocated() - self._base
+
+
+# ----------------------------------------------------------------------------- bench dist
+
+
+def bench_dist(args: argparse.Namespace) -> dict:
+    """For each world size and loss: gloo ranks on this machine, the largest per-rank peak and time."""
+    impls = ("sigrel", "open_clip")
+    rows = []
+    first: dict[str, dict] = {}
+    for world in args.world:
+        per_world = {}
+        for impl in impls:
+            cfg = {"world": world, "batch": args.batch, "dim": args.dim, "impl": impl, "dist_impl": args.impl,
+                   "warmup": args.warmup, "repeats": args.repeats, "threads": args.threads}
+            res = _run_worker("dist", cfg, extra_env=MEMORY_ENV)
+            row = {"world": world, "batch": args.batch, "dim": args.dim, "impl": impl, "dist_impl": args.impl}
+            if res.get("error"):
+                row.update(error=res["error"], time_ms=None, peak_extra_MiB=None)
+            else:
+                ranks = res["ranks"]
+                row["time_ms"] = max(r["time_ms"] for r in ranks)
+                row["peak_extra_MiB"] = max(r["peak_extra_bytes"] for r in ranks) / MIB
+                row["rank_peaks_MiB"] = [r["peak_extra_bytes"] / MIB for r in ranks]
+                row["threads_per_rank"] = ranks[0]["threads"]
+                row["memory_method"] = ranks[0]["memory_method"]
+            first.setdefault(impl, row)
+            per_world[impl] = row
+            rows.append(row)
+        _add_ratios(list(per_world.values()), per_world["open_clip"], {"mem_ratio": "peak_extra_MiB"})
+    for row in rows:
+        _add_ratios([row], first[row["impl"]], {"mem_vs_first": "peak_extra_MiB", "time_vs_first": "time_ms"})
+    return {
+        "benchmark": "dist",
+        "columns": ["world", "batch", "dim", "impl", "dist_impl", "time_ms", "peak_extra_MiB", "mem_vs_first",
+                    "time_vs_first", "mem_ratio"],
+        "rows": rows,
+        "environment": {**_environment("cpu"), "backend": "gloo", "repeats": args.repeats,
+                        "warmup": args.warmup},
+        "notes": f"batch is per rank; time_ms / peak_extra_MiB: the largest over ranks; *_vs_first: against "
+                 f"world {args.world[0]}; mem_ratio: sigrel / open_clip at the same world size. The ranks share "
+                 "this machine's cores, so time grows with the world size.",
+    }
+
+
+def _dist_worker(cfg: dict) -> dict:
+    """Spawns cfg['world'] gloo ranks (fresh processes) and collects each one's measurement."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="sigrel-bench-dist-") as tmp:
+        mp.start_processes(_dist_rank, args=(cfg, free_port(), tmp), nprocs=cfg["world"], start_method="spawn")
+        ranks = [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(cfg["world"])]
+    return {"ranks": ranks}
+
+
+def _dist_rank(rank: int, cfg: dict, port: int, out_dir: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    world = cfg["world"]
+    torch.set_num_threads(cfg.get("threads") or max(1, _usable_cpus() // world))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        step = _dist_step(cfg, rank, world)
+        for _ in range(cfg["warmup"]):
+            step()
+        dist.barrier()
+        gc.collect()
+        times = []
+        with PeakRSS() as meter:
+            for _ in range(cfg["repeats"]):
+                dist.barrier()
+                t0 = time.perf_counter()
+                step()
+                times.append((time.perf_counter() - t0) * 1e3)
+        result = {"rank": rank, "time_ms": statistics.median(times), "times_ms": times,
+                  "peak_extra_bytes": meter.peak_extra, "memory_method": meter.method,
+                  "threads": torch.get_num_threads()}
+        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _dist_step(cfg: dict, rank: int, world: int) -> Callable[[], None]:
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(1000 + rank)
+    img, txt = (F.normalize(torch.randn(cfg["batch"], cfg["dim"], generator=g), dim=-1).requires_grad_()
+                for _ in range(2))
+    log_t = torch.tensor(math.log(10.0), requires_grad=True)
+    if cfg["impl"] == "sigrel":
+        from open_clip_sigrel.loss import SigRelLoss
+
+        loss_fn = SigRelLoss(rank=rank, world_size=world, dist_impl=cfg["dist_impl"])
+        b = torch.tensor(1.0, requires_grad=True)
+
+        def forward():
+            t = log_t.exp()
+            return loss_fn(img, txt, logit_scale=t, logit_bias=-t * b)
+    else:
+        from open_clip.loss import SigLipLoss
+
+        loss_fn = SigLipLoss(rank=rank, world_size=world, dist_impl=cfg["dist_impl"])
+        b = torch.tensor(-10.0, requires_grad=True)
+
+        def forward():
+            return loss_fn(img, txt, logit_scale=log_t.exp(), logit_bias=b)
+
+    def step() -> None:
+        forward().backward()
+        for leaf in (img, txt, log_t, b):
+            leaf.grad = None
+
+    return step
+
+
+def free_port() -> int:
+    """A localhost TCP port that was free a moment ago (the OS picks it)."""
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+# ----------------------------------------------------------------------------- bench train
+
+
+def bench_train(args: argparse.Namespace) -> dict:
+    """Runs open_clip training of the tiny model with --siglip and --loss sigrel, alternating, same data."""
+    from open_clip_sigrel.data import ensure_digits_dataset
+
+    data_dir = args.data_dir or os.path.join(tempfile.gettempdir(), "open_clip_sigrel-bench-digits")
+    info = ensure_digits_dataset(data_dir)
+    losses = ("siglip", "sigrel")
+    steps: dict[str, list[tuple[float, float]]] = {loss: [] for loss in losses}
+    runs = []
+    with _log_dir(args.logs) as logs:
+        for r in range(args.rounds):
+            for loss in (losses if r % 2 == 0 else losses[::-1]):
+                name = f"bench-{loss}-r{r}-{os.getpid()}"
+                cmd = [sys.executable, "-m", "open_clip_sigrel.train",
+                       *(["--siglip"] if loss == "siglip" else ["--loss", "sigrel"]),
+                       *train_flags(info["train_data"], args.steps, args.batch_size, args.model, logs, name)]
+                t0 = time.perf_counter()
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                wall = time.perf_counter() - t0
+                log = Path(logs) / name / "out.log"
+                parsed = parse_batch_times(log.read_text()) if log.exists() else []
+                run_info = {"loss": loss, "round": r, "returncode": proc.returncode, "wall_s": wall,
+                            "steps_logged": len(parsed)}
+                if proc.returncode != 0 or not parsed:
+                    run_info["error"] = _last_lines(proc.stderr or proc.stdout)
+                runs.append(run_info)
+                steps[loss] += parsed[args.warmup_steps:]
+    rows = []
+    for loss in losses:
+        vals = steps[loss]
+        errors = [r["error"] for r in runs if r["loss"] == loss and r.get("error")]
+        row = {"loss": loss, "steps": args.steps, "batch_size": args.batch_size, "measured_steps": len(vals),
+               "batch_time_ms": statistics.median(b for _, b in vals) * 1e3 if vals else None,
+               "compute_time_ms": statistics.median(b - d for d, b in vals) * 1e3 if vals else None}
+        if errors or not vals:
+            row["error"] = errors[0] if errors else "no measured steps (raise --steps above --warmup-steps)"
+        rows.append(row)
+    _add_ratios(rows, rows[0], {"time_ratio": "batch_time_ms", "compute_ratio": "compute_time_ms"})
+    return {
+        "benchmark": "train",
+        "columns": ["loss", "steps", "batch_size", "measured_steps", "batch_time_ms", "compute_time_ms",
+                    "time_ratio", "compute_ratio"],
+        "rows": rows,
+        "runs": runs,
+        "environment": {**_environment("cpu"), "model": args.model, "rounds": args.rounds,
+                        "warmup_steps": args.warmup_steps, "train_data": info["train_data"]},
+        "notes": "batch_time_ms: median of open_clip's per-step 'Batch (t)' after the warm-up steps, pooled over "
+                 "rounds; compute_time_ms: median of Batch (t) - Data (t); ratios: against siglip.",
+    }
+
+
+def train_flags(train_data: str, steps: int, batch_size: int, model: str, logs: str, name: str) -> list[str]:
+    """open_clip_train flags shared by both runs: same data, seed, steps; one log line per step."""
+    return ["--model", model, "--train-data", train_data, "--train-num-samples", str(steps * batch_size),
+            "--dataset-type", "webdataset", "--batch-size", str(batch_size), "--workers", "1", "--epochs", "1",
+            "--lr", "1e-3", "--warmup", "5", "--device", "cpu", "--logs", str(logs), "--name", name,
+            "--log-every-n-steps", "1", "--seed", "0", "--save-frequency", "0"]
+
+
+def parse_batch_times(log_text: str) -> list[tuple[float, float]]:
+    """(Data (t), Batch (t)) in seconds of every 'Train Epoch' line of an open_clip out.log.
+
+    With --log-every-n-steps 1 open_clip resets its meters after each line, so each is one step.
+    """
+    return [(float(m.group(1)), float(m.group(2))) for m in _BATCH_LINE.finditer(log_text)]
+
+
+@contextlib.contextmanager
+def _log_dir(path: str | None) -> Iterator[str]:
+    if path:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        yield str(Path(path).absolute())
+        return
+    tmp = tempfile.mkdtemp(prefix="sigrel-bench-train-")
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- common
+
+
+def _environment(device: str) -> dict:
+    import platform
+
+    import torch
+
+    try:
+        import open_clip
+
+        oc_version = open_clip.__version__
+    except Exception:  # noqa: BLE001 - report, don't fail, on an odd install
+        oc_version = None
+    env = {"torch": torch.__version__, "open_clip": oc_version, "device": device,
+           "threads": torch.get_num_threads(), "usable_cpus": _usable_cpus(), "python": platform.python_version(),
+           "platform": platform.platform()}
+    if device == "cuda" and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+def _run_worker(kind: str, cfg: dict, extra_env: dict | None = None) -> dict:
+    """Runs one measurement in a fresh interpreter; returns its result or {'error': ...}."""
+    env = {**os.environ, **(extra_env or {})}
+    cmd = [sys.executable, "-m", "open_clip_sigrel.bench", "--worker", kind, json.dumps(cfg)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(_RESULT_PREFIX):
+            return json.loads(line[len(_RESULT_PREFIX):])
+    reason = "killed (out of memory?)" if proc.returncode in (-9, 137) else _last_lines(proc.stderr)
+    return {"error": f"exit {proc.returncode}: {reason}"}
+
+
+def _last_lines(text: str, n: int = 3) -> str:
+    lines = [line for line in (text or "").strip().splitlines() if line.strip()]
+    return " | ".join(lines[-n:]) or "no output"
+
+
+def _worker_main(argv: list[str]) -> int:
+    # Through the package module, so that spawned ranks unpickle open_clip_sigrel.bench._dist_rank
+    # rather than a function of __main__.
+    from open_clip_sigrel import bench
+
+    kind, cfg = argv[0], json.loads(argv[1])
+    try:
+        result = {"loss": bench._loss_worker, "dist": bench._dist_worker}[kind](cfg)
+    except Exception as e:  # noqa: BLE001 - reported to the parent as this measurement's error
+        if "out of memory" in str(e).lower():
+            result = {"error": f"out of memory: {str(e).splitlines()[0]}"}
+        else:
+            raise
+    print(_RESULT_PREFIX + json.dumps(result), flush=True)
+    return 0
+
+
+def format_report(doc: dict) -> str:
+    """A fixed-width table of doc['rows'] over doc['columns'], then the environment and failures."""
+    cols = doc["columns"]
+    cells = [[_fmt(row.get(c), c, row) for c in cols] for row in doc["rows"]]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in cells]
+    env = doc.get("environment", {})
+    lines.append("")
+    lines.append("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
+    if doc.get("notes"):
+        lines.append("notes: " + doc["notes"])
+    for row in doc["rows"]:
+        if row.get("error"):
+            lines.append(f"error ({', '.join(str(row.get(c)) for c in cols[:4])}): {row['error']}")
+    return "\n".join(lines)
+
+
+def _fmt(value: Any, col: str, row: dict) -> str:
+    if value is None:
+        return "failed" if row.get("error") and col in ("time_ms", "peak_extra_MiB", "batch_time_ms") else "-"
+    if isinstance(value, float):
+        if "ratio" in col or "_vs_" in col:
+            return f"{value:.3f}"
+        return f"{value:.1f}"
+    return str(value)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 4 and sys.argv[1] == "--worker":
+        sys.exit(_worker_main(sys.argv[2:]))
+    print("usage: open-clip-sigrel bench {loss,dist,train} ...", file=sys.stderr)
+    sys.exit(2)
