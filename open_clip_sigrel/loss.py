@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 NORMALIZATIONS = ("batch", "pairs", "sum")
 # Elements of one row block of logits (fp32): 4M = 16 MiB per temporary.
@@ -30,22 +31,33 @@ def auto_chunk_size(n_rows: int, n_cols: int) -> int:
     return max(1, min(n_rows, _CHUNK_ELEMENTS // max(n_cols, 1)))
 
 
-def _pair_block(x, y, t, b, chunk_size: int, *, py=None, py_overwrite=False, gy=None, want_p_sum=False):
+def _pair_block(x, y, t, b, chunk_size: int, *, py=None, py_overwrite=False, gy=None, want_p_sum=False,
+                diag=False):
     """One block of pairs (rows of x against rows of y), in row chunks of x; plain tensors, no autograd.
 
-    Returns (sum_ij softplus(z_ij), sum_ij P_ij) with z = t (x y^T - b), P = sigmoid(z), and adds
-    P y to ``py`` (or writes it, ``py_overwrite``) and P^T x to ``gy``, both unscaled by t.
+    Returns (loss sum, sum_ij G_ij) where G = dloss/dz: sigmoid(z_ij) for negatives and, with ``diag``
+    (pair i is row i of both), sigmoid(z_ii) - 1 = -sigmoid(-z_ii) for positives; z = t (x y^T - b).
+    Adds G y to ``py`` (or writes it, ``py_overwrite``) and G^T x to ``gy``, both unscaled by t.
+    Positives are summed as softplus(-z_ii) directly, not as softplus(z_ii) - z_ii: no cancellation,
+    and confident positives keep their (small) gradient in float32.
     Memory: one chunk x m block of logits and a quarter of it for softplus.
     """
     total, p_sum = x.new_zeros(()), x.new_zeros(())
     for lo in range(0, x.shape[0], chunk_size):
         xc = x[lo:lo + chunk_size]
         z = torch.mm(xc, y.T).sub_(b).mul_(t)  # t * (S - b), the only block-wide buffer
+        if diag:
+            zd = z.diagonal(lo)  # (i, lo + i): this chunk's positives
+            total += torch.nn.functional.softplus(-zd).sum()
+            g_pos = torch.sigmoid(-zd)
+            zd.fill_(-math.inf)  # softplus and sigmoid of -inf are 0: positives leave the block sums
         for zp in z.split(-(-z.shape[0] // 4)):  # softplus in quarters of the block
             total += torch.nn.functional.softplus(zp).sum()
         if py is None and gy is None and not want_p_sum:
             continue
         p = z.sigmoid_()  # in place: z is no longer needed
+        if diag:
+            p.diagonal(lo).copy_(g_pos.neg_())
         if want_p_sum:
             p_sum += p.sum()
         if py is not None:
@@ -58,24 +70,18 @@ def _pair_block(x, y, t, b, chunk_size: int, *, py=None, py_overwrite=False, gy=
     return total, p_sum
 
 
-def _finish(x, y, t, b, total, p_sum, py, gy, positives: bool, need_t: bool):
-    """Loss value and gradients from the block sums (see _SoftplusPairSum); scales py / gy in place.
+def _finish(x, t, b, p_sum, py, gy, need_t: bool):
+    """Gradients from the block sums (see _SoftplusPairSum); scales py / gy in place.
 
-    dL/dt = sum P (S - b) = <x, P y> - b sum P: no B x B buffer of S - b is needed, and scaling
-    by t once at the end (instead of P *= t per block) saves a pass over every block.
+    dL/dt = sum G (S - b) = <x, G y> - b sum G: no B x B buffer of S - b is needed, and scaling
+    by t once at the end (instead of G *= t per block) saves a pass over every block.
     """
     gt = torch.dot(x.reshape(-1), py.reshape(-1)) - b * p_sum if need_t else x.new_zeros(())
     gb = -t * p_sum
-    if positives:
-        # sum_i logits_ii = t * (sum_i <x_i, y_i> - n b): the +1 labels, in O(n d).
-        pos = torch.dot(x.reshape(-1), y.reshape(-1)) - x.shape[0] * b
-        total = total - t * pos
-        gt = gt - pos
-        gb = gb + t * x.shape[0]
-    gx = None if py is None else (py.sub_(y) if positives else py).mul_(t)
+    gx = None if py is None else py.mul_(t)
     if gy is not None:
-        gy = (gy.sub_(x) if positives else gy).mul_(t)
-    return total, gx, gy, gt, gb
+        gy = gy.mul_(t)
+    return gx, gy, gt, gb
 
 
 def _prepare(x, y, t, b):
@@ -86,9 +92,9 @@ def _prepare(x, y, t, b):
 class _SoftplusPairSum(torch.autograd.Function):
     """sum_ij softplus(z_ij) [- sum_i z_ii], z = t * (<x_i, y_j> - b): blockwise, gradient formed in forward.
 
-    d/dz softplus(z) = sigmoid(z) =: P, so dL/dx = t (P y - [y]), dL/dy = t (P^T x - [x]),
-    dL/dt = sum P (S - b) - [sum_i z_ii / t], dL/db = -t (sum P - [n]); [.] is the positive
-    (diagonal) term, included when ``positives``. Only the O((n + m) d) gradients are saved.
+    With G = dL/dz (sigmoid(z) off the diagonal; -sigmoid(-z_ii) on it when ``positives``):
+    dL/dx = t G y, dL/dy = t G^T x, dL/dt = sum G (S - b), dL/db = -t sum G.
+    Only the O((n + m) d) gradients are saved.
     """
 
     @staticmethod
@@ -99,8 +105,8 @@ class _SoftplusPairSum(torch.autograd.Function):
             py = torch.empty_like(x32) if (need_x or need_t) else None  # P y, written block by block
             gy = torch.zeros_like(y32) if need_y else None  # P^T x
             total, p_sum = _pair_block(x32, y32, t32, b32, chunk_size, py=py, py_overwrite=True, gy=gy,
-                                       want_p_sum=need_t or need_b)
-            total, gx, gy, gt, gb = _finish(x32, y32, t32, b32, total, p_sum, py, gy, positives, need_t)
+                                       want_p_sum=need_t or need_b, diag=positives)
+            gx, gy, gt, gb = _finish(x32, t32, b32, p_sum, py, gy, need_t)
         ctx.save_for_backward(gx if need_x else None, gy, gt.reshape(t.shape), gb.reshape(b.shape))
         ctx.dtypes = (x.dtype, y.dtype, t.dtype, b.dtype)
         return total
@@ -218,11 +224,11 @@ class _RingPairSum(torch.autograd.Function):
             py = torch.empty_like(x32) if (need_x or need_t) else None
             gy = torch.zeros_like(y32) if need_y else None
             total, p_sum = _pair_block(x32, y32, t32, b32, chunk_size, py=py, py_overwrite=True, gy=gy,
-                                       want_p_sum=want_p_sum)
+                                       want_p_sum=want_p_sum, diag=True)
             total_peers, p_sum_peers = _peer_blocks(x32, y32, t32, b32, chunk_size, ring, py=py, gy=gy,
                                                     want_p_sum=want_p_sum)
-            total, gx, gy, gt, gb = _finish(x32, y32, t32, b32, total + total_peers, p_sum + p_sum_peers,
-                                            py, gy, True, need_t)
+            total = total + total_peers
+            gx, gy, gt, gb = _finish(x32, t32, b32, p_sum + p_sum_peers, py, gy, need_t)
         ctx.save_for_backward(gx if need_x else None, gy, gt.reshape(t.shape), gb.reshape(b.shape),
                               x if need_y else None, y if need_y else None, t, b)
         ctx.dtypes = (x.dtype, y.dtype, t.dtype, b.dtype)
@@ -247,10 +253,10 @@ class _RingPairSum(torch.autograd.Function):
                     x32, y32, t32, b32 = _prepare(x, y, t, b)
                     g32 = grad.detach().to(x32.dtype).reshape(())
                     gy = torch.zeros_like(y32)
-                    _pair_block(x32, y32, t32, b32, ctx.chunk_size, gy=gy)
+                    _pair_block(x32, y32, t32, b32, ctx.chunk_size, gy=gy, diag=True)
                     gy.mul_(g32)
                     _peer_blocks(x32, y32, t32, b32, ctx.chunk_size, ctx.ring, gy=gy, send_scale=g32)
-                    gy = gy.sub_(x32 * g32).mul_(t32)
+                    gy = gy.mul_(t32)
         return (
             None if gx is None else (gx * grad).to(dx),
             None if gy is None else gy.to(dy),
@@ -366,6 +372,81 @@ def multimodal_sigrel_loss(
         for a, c in edges
     )
     return total / len(edges)
+
+
+class _BatchedPairSum(torch.autograd.Function):
+    """R independent sigrel losses on (R, B, d) inputs; gradients formed in forward (they only need
+    sigmoid(logits)), the softplus value only when asked for (it is the slow part on CPU)."""
+
+    @staticmethod
+    def forward(ctx, x, y, t, b, norm: float, compute_value: bool):
+        s = torch.bmm(x, y.transpose(1, 2))
+        d = s - b[:, None, None]
+        z = d * t[:, None, None]
+        if compute_value:  # positives as softplus(-z_ii): no cancellation (see _pair_block)
+            off = z.clone()
+            off.diagonal(dim1=1, dim2=2).fill_(-math.inf)
+            value = (F.softplus(off).sum((1, 2)) + F.softplus(-z.diagonal(dim1=1, dim2=2)).sum(1)) / norm
+            del off
+        else:
+            value = torch.full(t.shape, float("nan"), dtype=z.dtype, device=z.device)
+        p = torch.sigmoid(z)  # d loss / d logits (times norm): sigmoid(z) for negatives,
+        # sigmoid(z) - 1 = -sigmoid(-z) for positives, computed without cancellation (in float32
+        # sigmoid(z) - 1 is exactly 0 once z > ~17, which would silence every confident positive)
+        torch.neg(torch.sigmoid(-z.diagonal(dim1=1, dim2=2)), out=p.diagonal(dim1=1, dim2=2))
+        gt = (p * d).sum((1, 2)) / norm
+        gb = -(t * p.sum((1, 2))) / norm
+        p.mul_((t / norm)[:, None, None])
+        # (d, B) x (B, B) products, transposed back: ~3x faster than (B, B) x (B, d) for small d on CPU
+        gx = torch.bmm(y.transpose(1, 2), p.transpose(1, 2)).transpose(1, 2) if ctx.needs_input_grad[0] else None
+        gy = torch.bmm(x.transpose(1, 2), p).transpose(1, 2) if ctx.needs_input_grad[1] else None
+        ctx.save_for_backward(gx, gy, gt, gb)
+        return value
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        gx, gy, gt, gb = ctx.saved_tensors
+        g3 = grad[:, None, None]
+        return (
+            None if gx is None else gx * g3,
+            None if gy is None else gy * g3,
+            gt * grad if ctx.needs_input_grad[2] else None,
+            gb * grad if ctx.needs_input_grad[3] else None,
+            None,
+            None,
+        )
+
+
+def batched_sigrel_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    rel_bias: torch.Tensor,
+    *,
+    normalize: str = "pairs",
+    compute_value: bool = True,
+) -> torch.Tensor:
+    """R independent sigrel losses at once (e.g. the synthetic experiments' runs, as one tensor program).
+
+    image_features, text_features: (R, B, d); logit_scale t and rel_bias b_rel: (R,). Returns the (R,)
+    losses sum_ij -log sigmoid(y_ij t_r (s_ij - b_r)) / norm, same formula as ``sigrel_loss``
+    (softplus(z) summed minus the diagonal logits). With ``compute_value=False`` the returned values
+    are NaN but the gradients are exact: the softplus is the slowest op of a training step on CPU,
+    and the gradient needs only sigmoid(z). Dense: keeps (R, B, B) temporaries (fine for the
+    synthetic sizes; no blockwise chunking).
+    """
+    if image_features.ndim != 3 or image_features.shape != text_features.shape:
+        raise ValueError(
+            f"need equal (R, B, d) inputs, got {tuple(image_features.shape)} and {tuple(text_features.shape)}"
+        )
+    r, n = image_features.shape[:2]
+    norm = {"batch": n, "pairs": n * n, "sum": 1}.get(normalize)
+    if norm is None:
+        raise ValueError(f"normalize must be 'batch', 'pairs' or 'sum', got {normalize!r}")
+    t = logit_scale.reshape(r).to(image_features.dtype)
+    b = rel_bias.reshape(r).to(image_features.dtype)
+    return _BatchedPairSum.apply(image_features, text_features, t, b, float(norm), bool(compute_value))
 
 
 def _ring_sigrel_sum(image_features, text_features, logit_scale, rel_bias, chunk_size, ring: _Ring):

@@ -35,87 +35,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from open_clip_sigrel.loss import multimodal_sigrel_loss, sigrel_loss
+from open_clip_sigrel.loss import batched_sigrel_loss, multimodal_sigrel_loss, sigrel_loss
 
 EXPERIMENTS = ("bias-vs-rel", "fixed-rel-bias", "fixed-t", "init-grid", "frozen", "modalities", "xi")
 BACKENDS = ("batched", "loop")
 DEFAULT_B0 = (-10.0, -5.0, 0.0, 5.0, 10.0)
 DEFAULT_REL_BIASES = (-1.0, -0.8, -0.6, -0.4, -0.2, 0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 1.0)
-
-
-# ----------------------------------------------------------------------------------------------
-# TEMPORARY batched loss (to be moved into open_clip_sigrel/loss.py)
-# ----------------------------------------------------------------------------------------------
-class _BatchedSigrelFunction(torch.autograd.Function):
-    """R independent sigrel losses on (R, B, d) inputs; gradients formed in forward (they only need
-    sigmoid(logits)), the softplus value only when asked for (it is the slow part on CPU)."""
-
-    @staticmethod
-    def forward(ctx, x, y, t, b, norm: float, compute_value: bool):
-        s = torch.bmm(x, y.transpose(1, 2))
-        d = s - b[:, None, None]
-        z = d * t[:, None, None]
-        if compute_value:
-            value = (F.softplus(z).sum((1, 2)) - z.diagonal(dim1=1, dim2=2).sum(1)) / norm
-        else:
-            value = torch.full(t.shape, float("nan"), dtype=z.dtype, device=z.device)
-        p = torch.sigmoid(z)  # d loss / d logits (times norm): sigmoid(z) for negatives,
-        # sigmoid(z) - 1 = -sigmoid(-z) for positives, computed without cancellation (in float32
-        # sigmoid(z) - 1 is exactly 0 once z > ~17, which would silence every confident positive)
-        torch.neg(torch.sigmoid(-z.diagonal(dim1=1, dim2=2)), out=p.diagonal(dim1=1, dim2=2))
-        gt = (p * d).sum((1, 2)) / norm
-        gb = -(t * p.sum((1, 2))) / norm
-        p.mul_((t / norm)[:, None, None])
-        # (d, B) x (B, B) products, transposed back: ~3x faster than (B, B) x (B, d) for small d on CPU
-        gx = torch.bmm(y.transpose(1, 2), p.transpose(1, 2)).transpose(1, 2) if ctx.needs_input_grad[0] else None
-        gy = torch.bmm(x.transpose(1, 2), p).transpose(1, 2) if ctx.needs_input_grad[1] else None
-        ctx.save_for_backward(gx, gy, gt, gb)
-        return value
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        gx, gy, gt, gb = ctx.saved_tensors
-        g3 = grad[:, None, None]
-        return (
-            None if gx is None else gx * g3,
-            None if gy is None else gy * g3,
-            gt * grad if ctx.needs_input_grad[2] else None,
-            gb * grad if ctx.needs_input_grad[3] else None,
-            None,
-            None,
-        )
-
-
-def _batched_sigrel_loss(
-    image_features: torch.Tensor,
-    text_features: torch.Tensor,
-    logit_scale: torch.Tensor,
-    rel_bias: torch.Tensor,
-    *,
-    normalize: str = "pairs",
-    compute_value: bool = True,
-) -> torch.Tensor:
-    """TEMPORARY (move to loss.py): R independent sigrel losses at once.
-
-    image_features, text_features: (R, B, d); logit_scale t and rel_bias b_rel: (R,). Returns the (R,)
-    losses sum_ij -log sigmoid(y_ij t_r (s_ij - b_r)) / norm, same formula as ``loss.sigrel_loss``
-    (softplus(z) summed minus the diagonal logits). With ``compute_value=False`` the returned values
-    are NaN but the gradients are exact: the softplus is the slowest op of a training step on CPU,
-    and the gradient needs only sigmoid(z). Dense: keeps (R, B, B) temporaries (fine for the
-    synthetic sizes; no blockwise chunking).
-    """
-    if image_features.ndim != 3 or image_features.shape != text_features.shape:
-        raise ValueError(
-            f"need equal (R, B, d) inputs, got {tuple(image_features.shape)} and {tuple(text_features.shape)}"
-        )
-    r, n = image_features.shape[:2]
-    norm = {"batch": n, "pairs": n * n, "sum": 1}.get(normalize)
-    if norm is None:
-        raise ValueError(f"normalize must be 'batch', 'pairs' or 'sum', got {normalize!r}")
-    t = logit_scale.reshape(r).to(image_features.dtype)
-    b = rel_bias.reshape(r).to(image_features.dtype)
-    return _BatchedSigrelFunction.apply(image_features, text_features, t, b, float(norm), bool(compute_value))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,7 +155,7 @@ def train_runs(
     tensors (only with keep_similarities), "features": final (k, n, dim) embeddings (keep_features)}.
     ``backend="loop"`` computes the gradient by calling the project's ``sigrel_loss`` /
     ``multimodal_sigrel_loss`` once per run (the reference, slower); "batched" uses
-    ``_batched_sigrel_loss`` (checked equal in the tests). Reported losses always come from the
+    ``loss.batched_sigrel_loss`` (checked equal in the tests). Reported losses always come from the
     project's functions, evaluated in float64 at the record steps.
     """
     if backend not in BACKENDS:
@@ -271,11 +196,11 @@ def train_runs(
                 for r in range(r_count)
             )
         if k == 2:
-            losses = _batched_sigrel_loss(feats[:, 0], feats[:, 1], t, b, normalize=normalize, compute_value=False)
+            losses = batched_sigrel_loss(feats[:, 0], feats[:, 1], t, b, normalize=normalize, compute_value=False)
         else:
             x = feats[:, ia].reshape(r_count * n_edges, n, dim)
             y = feats[:, ic].reshape(r_count * n_edges, n, dim)
-            losses = _batched_sigrel_loss(
+            losses = batched_sigrel_loss(
                 x, y, t.repeat_interleave(n_edges), b.repeat_interleave(n_edges),
                 normalize=normalize, compute_value=False,
             ).view(r_count, n_edges).mean(1)

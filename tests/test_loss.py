@@ -119,3 +119,15 @@ def test_module_output_dict_like_siglip():
     out = SigRelLoss()(x, y, torch.tensor(10.0), torch.tensor(-10.0), output_dict=True)
     assert set(out) == {"contrastive_loss"}
     torch.testing.assert_close(out["contrastive_loss"], SigLipLoss()(x, y, torch.tensor(10.0), torch.tensor(-10.0)))
+
+
+def test_float32_keeps_precision_near_zero_loss():
+    """Positives are summed as softplus(-z_ii), not softplus(z_ii) - z_ii: no cancellation in float32."""
+    x = torch.eye(8, dtype=torch.float64)
+    ref = _direct(x, x, torch.tensor(30.0, dtype=torch.float64), 0.5)  # every logit is +-15: ~2e-5 in all
+    b = torch.tensor(0.5, requires_grad=True)
+    ours = sigrel_loss(x.float(), x.float(), 30.0, b, normalize="sum")
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
+    ours.backward()
+    # dL/db = -t (sum_neg sigmoid(z) - sum_pos sigmoid(-z)) = -30 * (56 - 8) * sigmoid(-15), not rounded to 0
+    assert b.grad.item() == pytest.approx(-30 * 48 * torch.sigmoid(torch.tensor(-15.0)).item(), rel=1e-4)

@@ -11,10 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from open_clip_sigrel.cli import main as cli_main
-from open_clip_sigrel.loss import sigrel_loss
+from open_clip_sigrel.loss import batched_sigrel_loss, sigrel_loss
 from open_clip_sigrel.synth import (
     RunSpec,
-    _batched_sigrel_loss,
     build_batches,
     init_embeddings,
     run_experiment,
@@ -42,14 +41,14 @@ def test_batched_loss_matches_sigrel_loss(normalize: str) -> None:
     t = torch.tensor([0.5, 8.0, 60.0], dtype=torch.float64, requires_grad=True)
     b = torch.tensor([-0.4, 0.1, 0.7], dtype=torch.float64, requires_grad=True)
     w = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64)
-    got = _batched_sigrel_loss(x, y, t, b, normalize=normalize)
+    got = batched_sigrel_loss(x, y, t, b, normalize=normalize)
     want = torch.stack([sigrel_loss(x[r], y[r], t[r], b[r], normalize=normalize) for r in range(3)])
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     g_got = torch.autograd.grad((got * w).sum(), [x, y, t, b])
     g_want = torch.autograd.grad((want * w).sum(), [x, y, t, b])
     for a, c in zip(g_got, g_want):
         torch.testing.assert_close(a, c, rtol=1e-9, atol=1e-12)
-    no_value = _batched_sigrel_loss(x, y, t, b, normalize=normalize, compute_value=False)
+    no_value = batched_sigrel_loss(x, y, t, b, normalize=normalize, compute_value=False)
     assert torch.isnan(no_value).all()
     for a, c in zip(torch.autograd.grad((no_value * w).sum(), [x, y, t, b]), g_want):
         torch.testing.assert_close(a, c, rtol=1e-9, atol=1e-12)
