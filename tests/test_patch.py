@@ -1,0 +1,252 @@
+"""patches/open_clip-3.3.0-loss-registry.patch on a copy of the installed open_clip 3.3.0.
+
+The environment's own open_clip is never touched: its ``open_clip`` and ``open_clip_train`` packages
+are copied into a temporary folder, patched there with ``patch -p1`` and put first on PYTHONPATH of
+the subprocesses that train. The entry point ``open_clip.losses: sigrel`` comes from this package's
+installed metadata (setup.cfg).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import textwrap
+from importlib.metadata import entry_points, version
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+PATCH = REPO / "patches" / "open_clip-3.3.0-loss-registry.patch"
+PATCHED_FILES = ("open_clip/factory.py", "open_clip_train/main.py", "open_clip_train/params.py",
+                 "open_clip_train/train.py")
+LOSS = re.compile(r"Train Epoch: \d+ .*? Loss: ([\d.]+) ")
+
+pytestmark = pytest.mark.skipif(
+    version("open_clip_torch") != "3.3.0",
+    reason=f"the patch targets open_clip_torch 3.3.0 (installed: {version('open_clip_torch')})",
+)
+
+
+def _site_packages() -> Path:
+    import open_clip
+    import open_clip_train
+
+    root = Path(open_clip.__file__).resolve().parents[1]
+    assert Path(open_clip_train.__file__).resolve().parents[1] == root
+    return root
+
+
+def _patch(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    binary = shutil.which("patch")
+    assert binary, "the `patch` program is missing (CI: apt-get install -y patch)"
+    return subprocess.run([binary, *args, "--batch", "-i", str(PATCH)], cwd=cwd, capture_output=True, text=True)
+
+
+def _copy_open_clip(dest: Path) -> Path:
+    site = _site_packages()
+    dest.mkdir(parents=True)
+    for package in ("open_clip", "open_clip_train"):
+        shutil.copytree(site / package, dest / package, ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def patched(tmp_path_factory) -> Path:
+    """A patched copy of the installed open_clip and open_clip_train."""
+    root = _copy_open_clip(tmp_path_factory.mktemp("oc") / "site")
+    result = _patch("-p1", "--forward", cwd=root)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return root
+
+
+def _env(pythonpath: Path | None) -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
+    env.pop("PYTHONPATH", None)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
+    return env
+
+
+def test_patch_applies_cleanly_and_reverses(tmp_path):
+    root = _copy_open_clip(tmp_path / "site")
+    originals = {f: (root / f).read_text() for f in PATCHED_FILES}
+    applied = _patch("-p1", "--forward", cwd=root)
+    assert applied.returncode == 0, applied.stdout + applied.stderr
+    assert re.findall(r"^patching file (\S+)", applied.stdout, re.M) == list(PATCHED_FILES)
+    assert not re.search(r"offset|fuzz|reject|FAILED", applied.stdout + applied.stderr, re.I), applied.stdout
+    assert all((root / f).read_text() != originals[f] for f in PATCHED_FILES)
+    assert _patch("-p1", "--forward", "--dry-run", cwd=root).returncode != 0  # already applied: refused
+    reverted = _patch("-R", "-p1", cwd=root)
+    assert reverted.returncode == 0, reverted.stdout + reverted.stderr
+    assert {f: (root / f).read_text() for f in PATCHED_FILES} == originals
+    assert not list(root.rglob("*.orig")) and not list(root.rglob("*.rej"))
+
+
+def test_entry_point_group_lists_sigrel():
+    eps = {ep.name: ep for ep in entry_points(group="open_clip.losses")}
+    assert "sigrel" in eps, "re-install the package (pip install -e .) after changing setup.cfg"
+    assert eps["sigrel"].value == "open_clip_sigrel.registry:sigrel"
+    from open_clip_sigrel.registry import sigrel
+
+    assert eps["sigrel"].load() is sigrel
+    assert all(callable(getattr(sigrel, hook)) for hook in
+               ("add_args", "check_args", "create_model_and_transforms", "create_loss"))
+
+
+PARSE_SCRIPT = textwrap.dedent(
+    """
+    import contextlib, io, json, math, sys
+    import open_clip
+    import open_clip_train.params as params
+    assert params.__file__.startswith(sys.argv[1]), params.__file__
+    from open_clip_sigrel.loss import SigRelLoss
+    from open_clip_sigrel.model import has_rel_bias
+
+    base = ["--train-data", "x.csv", "--model", "sigrel-tiny"]
+
+    def run(argv):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                args = params.parse_args(argv)
+                code = 0
+            except SystemExit as e:
+                args, code = None, e.code
+        return args, code, out.getvalue() + err.getvalue()
+
+    report = {}
+    a, code, _ = run(base + ["--loss", "sigrel", "--sigrel-init-rel-bias", "0.5"])
+    report["sigrel"] = dict(code=code, loss=a.loss, rel=a.sigrel_init_rel_bias, t=a.sigrel_init_logit_scale,
+                            normalize=a.sigrel_normalize, max=a.max_logit_scale, siglip=a.siglip)
+    a.rank, a.world_size, a.distill = 0, 1, False
+    loss = open_clip.create_loss(a)
+    report["loss_class"] = type(getattr(loss, "loss", loss)).__name__
+    model, _, _ = open_clip.factory.get_loss_plugin("sigrel").create_model_and_transforms(
+        a, open_clip.create_model_and_transforms, a.model)
+    report["rel_bias"] = has_rel_bias(model) and "rel_bias" in dict(model.named_parameters())
+    report["t_b"] = model.sigrel_values
+    b, code, _ = run(["--train-data", "x.csv", "--model", "RN50"])
+    report["stock"] = dict(code=code, loss=b.loss, siglip=b.siglip, sigrel=hasattr(b, "sigrel_normalize"),
+                           max=getattr(b, "max_logit_scale", "absent"),
+                           loss_class=type(open_clip.create_loss(
+                               type(b)(**{**vars(b), "rank": 0, "world_size": 1, "distill": False}))).__name__)
+    c, code, _ = run(["--model", "RN50", "--loss", "siglip"])
+    report["siglip"] = dict(code=code, siglip=c.siglip)
+    report["errors"] = {}
+    for key, argv in {
+        "siglip_and_sigrel": base + ["--loss", "sigrel", "--siglip"],
+        "unknown": base + ["--loss", "hinge"],
+        "flag_without_loss": base + ["--sigrel-init-rel-bias", "0.5"],
+        "bad_value": base + ["--loss", "sigrel", "--sigrel-init-logit-scale", "-1"],
+    }.items():
+        _, code, text = run(argv)
+        report["errors"][key] = [code, text[-300:]]
+    _, _, report["help_sigrel"] = run(["--loss", "sigrel", "--help"])
+    _, _, report["help"] = run(["--help"])
+    print(json.dumps(report))
+    """
+)
+
+
+def test_patched_parse_args_loss_and_model_hooks(patched, tmp_path, python):
+    script = tmp_path / "parse.py"
+    script.write_text(PARSE_SCRIPT)
+    result = subprocess.run([python, str(script), str(patched)], capture_output=True, text=True,
+                            env=_env(patched), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+
+    assert report["sigrel"] == dict(code=0, loss="sigrel", rel=0.5, t=10.0, normalize="batch", max=100.0,
+                                    siglip=False)
+    assert report["loss_class"] == "SigRelLoss"
+    assert report["rel_bias"] is True
+    assert report["t_b"]["logit_scale"] == pytest.approx(10.0) and report["t_b"]["rel_bias"] == pytest.approx(0.5)
+    # Without --loss: open_clip as before (no plugin flags, no clamp override, ClipLoss).
+    assert report["stock"] == dict(code=0, loss=None, siglip=False, sigrel=False, max="absent",
+                                   loss_class="ClipLoss")
+    assert report["siglip"] == dict(code=0, siglip=True)
+    errors = report["errors"]
+    assert errors["siglip_and_sigrel"][0] == 2 and "--siglip contradicts --loss sigrel" in errors["siglip_and_sigrel"][1]
+    assert errors["unknown"][0] == 2 and "invalid choice: 'hinge'" in errors["unknown"][1]
+    assert "sigrel" in errors["unknown"][1]
+    assert errors["flag_without_loss"][0] == 2 and "unrecognized arguments: --sigrel-init-rel-bias" in \
+        errors["flag_without_loss"][1]
+    assert errors["bad_value"][0] == 2 and "finite and > 0" in errors["bad_value"][1]
+    assert "--sigrel-init-rel-bias" in report["help_sigrel"] and "--sigrel-normalize" in report["help_sigrel"]
+    assert "{clip,siglip,sigrel}" in report["help"] and "--sigrel-normalize" not in report["help"]
+
+
+def _train_argv(csv: Path, logs: Path, name: str) -> list[str]:
+    return [
+        "--model", "sigrel-tiny", "--train-data", str(csv), "--dataset-type", "csv",
+        "--batch-size", "16", "--workers", "0", "--lr", "2e-3", "--warmup", "1", "--epochs", "1",
+        "--log-every-n-steps", "1", "--logs", str(logs), "--name", name, "--device", "cpu", "--seed", "0",
+        "--report-to", "none", "--loss", "sigrel",
+    ]
+
+
+def _losses(logs: Path, name: str) -> list[float]:
+    return [float(x) for x in LOSS.findall((logs / name / "out.log").read_text())]
+
+
+@pytest.fixture(scope="module")
+def small_csv(digits_data, tmp_path_factory) -> Path:
+    """The first 32 training pairs of the shipped data as open_clip CSV (2 steps of 16; the CSV
+    loader's order follows the seeded torch RNG, unlike webdataset's unseeded sample shuffle)."""
+    rows = Path(digits_data["train_csv"]).read_text().splitlines()
+    path = tmp_path_factory.mktemp("csv") / "train.csv"
+    path.write_text("\n".join(rows[:33]) + "\n")
+    return path
+
+
+def test_patched_stock_trainer_matches_plugin_entry(patched, small_csv, tmp_path, python):
+    """open_clip_train.main --loss sigrel (patched) == open_clip_sigrel.train --loss sigrel, step by step;
+    the plugin's own entry on a patched open_clip is unchanged too (its hooks are not applied twice)."""
+    runs = {
+        "patched_stock": (["-m", "open_clip_train.main"], patched),
+        "plugin": (["-m", "open_clip_sigrel.train"], None),
+        "plugin_on_patched": (["-m", "open_clip_sigrel.train"], patched),
+    }
+    procs = {
+        name: subprocess.Popen([python, *module, *_train_argv(small_csv, tmp_path, name)], env=_env(path),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for name, (module, path) in runs.items()
+    }
+    for name, proc in procs.items():
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"{name}:\n{out[-3000:]}"
+    losses = {name: _losses(tmp_path, name) for name in runs}
+    assert len(losses["plugin"]) == 2 and all(len(v) == 2 for v in losses.values()), losses
+    for name in ("patched_stock", "plugin_on_patched"):
+        assert losses[name] == pytest.approx(losses["plugin"], rel=1e-4), losses
+    sds = {name: torch.load(tmp_path / name / "checkpoints" / "epoch_1.pt", map_location="cpu",
+                            weights_only=True)["state_dict"] for name in runs}
+    reference = sds["plugin"]
+    assert "logit_bias" in reference and "rel_bias" not in reference
+    assert abs((-reference["logit_bias"] / reference["logit_scale"].exp()).item() - 1.0) > 1e-5  # b_rel trained
+    for name in ("patched_stock", "plugin_on_patched"):
+        assert sds[name].keys() == reference.keys()
+        for key, value in reference.items():
+            torch.testing.assert_close(sds[name][key], value, rtol=1e-4, atol=1e-6, msg=f"{name}: {key}")
+    # The patched stock run's params.txt records the plugin's resolved settings.
+    params = (tmp_path / "patched_stock" / "params.txt").read_text()
+    assert "loss: sigrel" in params and "sigrel_init_rel_bias: 1.0" in params and "max_logit_scale: 100.0" in params
+
+
+def test_patched_stock_trainer_torchrun_two_cpu_processes(patched, small_csv, tmp_path, python):
+    """The patch's CPU DDP fix: stock 3.3.0 passes device_ids=[cpu] to DDP, which fails under gloo."""
+    cmd = [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "open_clip_train.main", "--", *_train_argv(small_csv, tmp_path, "ddp"), "--batch-size", "8"]
+    # gloo on the loopback device: a host whose default interface does not route to itself hangs in
+    # the first collective (and torchrun's --master_port 0 hangs in the rendezvous; --standalone does not)
+    env = dict(_env(patched), GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    losses = _losses(tmp_path, "ddp")
+    assert len(losses) == 2 and all(0 < x < 100 for x in losses)
+    sd = torch.load(tmp_path / "ddp" / "checkpoints" / "epoch_1.pt", map_location="cpu", weights_only=True)
+    assert "module.logit_bias" in sd["state_dict"] and "module.rel_bias" not in sd["state_dict"]
