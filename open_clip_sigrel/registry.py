@@ -13,7 +13,7 @@ flags, checks, model extension and loss (``open_clip_sigrel.train``); nothing is
 Hook protocol (see ``open_clip.factory.get_loss_plugin`` in the patch):
 
   add_args(parser)             the ``--sigrel-*`` flags; also registers the shipped model configs.
-  check_args(args)             ``train._resolve``: validation, config-block defaults; sets
+  check_args(args)             ``train.resolve_args``: validation, config-block defaults; sets
                                ``args.max_logit_scale`` (the patched clamp of t after each step).
   create_model_and_transforms  ``SigrelRun.create_model_and_transforms``: SigLIP-style init and the
                                trainable ``rel_bias`` (``enable_rel_bias``) before the optimizer exists.
@@ -46,14 +46,11 @@ class SigrelLossPlugin:
     def add_args(self, parser: argparse.ArgumentParser) -> None:
         """Adds the plugin's ``--sigrel-*`` flags (all of them but its own ``--loss``) to open_clip's parser."""
         register_shipped_configs()  # sigrel-tiny, ViT-B-16-sigrel
-        group = parser.add_argument_group("open_clip_sigrel (--loss sigrel)")
-        for action in _train.build_plugin_parser()._actions:
-            if action.dest.startswith("sigrel_"):
-                group._add_action(action)
+        _train.add_sigrel_arguments(parser.add_argument_group("open_clip_sigrel (--loss sigrel)"))
 
     def check_args(self, args: argparse.Namespace) -> None:
         """The plugin's own checks and defaults; the run's state starts here."""
-        _train._resolve(args)
+        _train.resolve_args(args)
         args.max_logit_scale = args.sigrel_max_logit_scale
         self._run = _train.SigrelRun(args)
 

@@ -53,6 +53,13 @@ def build_plugin_parser() -> argparse.ArgumentParser:
     g.add_argument("--loss", choices=LOSSES, default=None,
                    help="clip (softmax), siglip (same as --siglip) or sigrel (relative-bias sigmoid). "
                    "Default: open_clip's own choice (--siglip or clip).")
+    add_sigrel_arguments(g)
+    return p
+
+
+def add_sigrel_arguments(parser) -> None:
+    """The ``--sigrel-*`` flags, on any argparse parser or group (also the patched open_clip's)."""
+    g = parser
     g.add_argument("--sigrel-init-logit-scale", type=float, default=None,
                    help=f"initial t = exp(logit_scale), not log t (default {DEFAULT_INIT_LOGIT_SCALE:g}, or the "
                    "model config's sigrel block; with --pretrained: the checkpoint's t)")
@@ -72,7 +79,6 @@ def build_plugin_parser() -> argparse.ArgumentParser:
                    help="image rows per loss block (default: about 4M logits per block)")
     g.add_argument("--sigrel-no-geometry", action="store_true",
                    help="do not add geometry metrics to open_clip's evaluation")
-    return p
 
 
 def _fail(message: str) -> None:
@@ -94,11 +100,11 @@ def parse_args(argv: list[str], stock_parse_args=None) -> argparse.Namespace:
     args = stock_parse_args(rest)
     for key, value in vars(ours).items():
         setattr(args, key, value)
-    _resolve(args)
+    resolve_args(args)
     return args
 
 
-def _resolve(args: argparse.Namespace) -> None:
+def resolve_args(args: argparse.Namespace) -> None:
     """Checks every combination before any work starts, and fills in the sigrel settings."""
     if args.loss_dist_impl is not None and args.loss_dist_impl not in DIST_IMPLS:
         _fail(f"--loss-dist-impl {args.loss_dist_impl!r} is not one of {', '.join(DIST_IMPLS)}")

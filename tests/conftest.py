@@ -6,6 +6,8 @@ import pytest
 
 # Tests run on CPU with few threads; keep torch from oversubscribing the 2 cores.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# gloo's default interface may not route to this host; loopback serves single-host tests.
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 REPO = Path(__file__).resolve().parents[1]
 
 

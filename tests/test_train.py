@@ -4,7 +4,6 @@ import math
 import re
 import socket
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
