@@ -190,6 +190,7 @@ def bench_loss(args: argparse.Namespace) -> dict:
         for impl in impls:
             row = by_impl[impl]
             row["time_ms"] = statistics.median(times[impl]) if times[impl] and not row.get("error") else None
+            row["times_ms"] = times[impl]  # every timed step, all rounds
             rows.append(row)
         _add_ratios([by_impl[i] for i in impls], by_impl["open_clip"],
                     {"time_ratio": "time_ms", "mem_ratio": "peak_extra_MiB"})

@@ -22,13 +22,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 NORMALIZATIONS = ("batch", "pairs", "sum")
-# Elements of one row block of logits (fp32): 4M = 16 MiB per temporary.
+# Elements of one row block of logits (fp32: 16 MiB per temporary) ...
 _CHUNK_ELEMENTS = 1 << 22
+# ... but at least this many image rows: the chunk is the inner dimension of the text-gradient
+# GEMM (gy += P^T x), which runs well below peak with thin chunks (CPU fp32, B = 16384: 256-row
+# chunks took 35 s a step, 1024-row ones 27 s), unless a block would exceed 64M elements.
+_MIN_CHUNK_ROWS = 1024
+_MAX_CHUNK_ELEMENTS = 1 << 26
 
 
 def auto_chunk_size(n_rows: int, n_cols: int) -> int:
-    """Rows per block so that a block of logits holds about 4M elements."""
-    return max(1, min(n_rows, _CHUNK_ELEMENTS // max(n_cols, 1)))
+    """Rows per block: about 4M logits, yet at least 1024 rows while a block stays under 64M logits."""
+    n_cols = max(n_cols, 1)
+    rows = max(_CHUNK_ELEMENTS // n_cols, min(_MIN_CHUNK_ROWS, _MAX_CHUNK_ELEMENTS // n_cols))
+    return max(1, min(n_rows, rows))
 
 
 def _pair_block(x, y, t, b, chunk_size: int, *, py=None, py_overwrite=False, gy=None, want_p_sum=False,
