@@ -96,6 +96,15 @@ def test_all_metrics_match_dense_reference(chunk_size):
     _assert_matches(got, dense_reference(x, y, 10.0, -3.0))
 
 
+@pytest.mark.parametrize("chunk_size, elements", [(5, 60), (7, 7), (36, 100), (1, 1)])
+def test_column_tiles_match_dense_reference(monkeypatch, chunk_size, elements):
+    # tiles of chunk_size rows x (elements // chunk_size) columns, none dividing N = 37
+    monkeypatch.setattr(geo, "_CHUNK_ELEMENTS", elements)
+    x, y = _pairs(37, 6, 0.8, seed=11, shift=0.2)
+    got = geometry_metrics(x, y, logit_scale=4.0, logit_bias=-1.0, chunk_size=chunk_size)
+    _assert_matches(got, dense_reference(x, y, 4.0, -1.0))
+
+
 def test_without_model_scalars_and_torch_float32_inputs():
     x, y = _pairs(50, 8, 0.5, seed=2)
     got64 = geometry_metrics(torch.tensor(x), torch.tensor(y))
