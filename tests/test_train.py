@@ -269,6 +269,22 @@ def test_non_finite_loss_stops_with_step_and_values():
         monitor(image_features=x, text_features=x, logit_scale=torch.tensor(10.0), logit_bias=torch.tensor(-10.0))
 
 
+def test_geometry_hook_works_under_open_clips_inference_mode():
+    args = sigrel_train.parse_args(["--train-data", "x.tar", "--model", "sigrel-tiny"])
+    run = sigrel_train.SigrelRun(args)
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(64, 8, generator=g), dim=-1)
+    y = torch.nn.functional.normalize(torch.randn(64, 8, generator=g), dim=-1)  # not separable by centroids
+
+    def stock(image_features, text_features, logit_scale):
+        return {"image_to_text_R@1": 0.5}
+
+    with torch.inference_mode():
+        metrics = run.get_clip_metrics(stock, image_features=x, text_features=y, logit_scale=torch.tensor(10.0))
+    assert metrics["image_to_text_R@1"] == 0.5  # open_clip's own values are kept
+    assert 0.5 <= metrics["linear_separability"] <= 1.0 and "margin_trimmed" in metrics
+
+
 def test_no_loss_flag_is_plain_open_clip():
     args = sigrel_train.parse_args(["--train-data", "x.tar", "--model", "sigrel-tiny"])
     assert args.loss is None and not args.siglip
