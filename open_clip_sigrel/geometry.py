@@ -480,7 +480,7 @@ def _streamed_percentile(blocks, total: int, q: float, cap: int, dtype: torch.dt
 # --------------------------------------------------------------------------------------- main API
 def _tiling(n: int, chunk_size: int | None) -> tuple[int, int]:
     """(rows, columns) of one tile of similarities: ~_CHUNK_ELEMENTS per tile, 1024 rows by default."""
-    rows = min(n, _DEFAULT_ROWS) if chunk_size is None else min(n, int(chunk_size))
+    rows = min(n, _DEFAULT_ROWS) if chunk_size is None else min(n, int(chunk_size), _CHUNK_ELEMENTS)
     return rows, min(n, max(1, _CHUNK_ELEMENTS // rows))
 
 

@@ -21,7 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from open_clip_sigrel.geometry import _prepare
+from open_clip_sigrel.geometry import _prepare, _row_blocks
 
 __all__ = ["plot_similarity_histograms", "plot_modality_projection", "plot_training_curves"]
 
@@ -70,12 +70,18 @@ def plot_similarity_histograms(
     has it; shaded: the trimmed margin band [P95(neg), P5(pos)] and, when positive, the worst-case one.
     """
     x, y = _prepare(image_features, text_features)
-    n = x.shape[0]
-    pos = (x.to(torch.float64) * y.to(torch.float64)).sum(1).cpu()
+    n, d = x.shape
+    pos = torch.empty(n, dtype=torch.float64)
+    sx = torch.zeros(d, dtype=torch.float64, device=x.device)
+    sy = torch.zeros(d, dtype=torch.float64, device=x.device)
+    for lo, hi in _row_blocks(n, d):  # float64 in row blocks: no N x d float64 copies
+        xb, yb = x[lo:hi].to(torch.float64), y[lo:hi].to(torch.float64)
+        pos[lo:hi] = (xb * yb).sum(1).cpu()
+        sx += xb.sum(0)
+        sy += yb.sum(0)
     neg = _sample_negatives(x, y, max_negatives)
     m = dict(metrics or {})
     if "rel_bias_mean" not in m:
-        sx, sy = x.to(torch.float64).sum(0), y.to(torch.float64).sum(0)
         neg_mean = (float(sx @ sy) - float(pos.sum())) / (n * (n - 1))
         m["rel_bias_mean"] = (float(pos.mean()) + neg_mean) / 2
 
