@@ -506,6 +506,12 @@ def _linear_separability(x: torch.Tensor, y: torch.Tensor, mx: torch.Tensor, my:
     unregularised squared hinge loss (an L2-SVM; reaches zero loss, hence accuracy 1, on separable
     sets); 3. L-BFGS on the unregularised logistic loss. Stops early at accuracy 1.
     """
+    with torch.inference_mode(False):  # callers (open_clip's evaluate) may run under inference_mode
+        return _fit_separability(x.clone(), y.clone(), mx.clone(), my.clone(), max_iter)
+
+
+def _fit_separability(x: torch.Tensor, y: torch.Tensor, mx: torch.Tensor, my: torch.Tensor,
+                      max_iter: int) -> float:
     n = x.shape[0]
     dtype = x.dtype
 

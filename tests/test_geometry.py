@@ -337,3 +337,13 @@ def test_plots_write_pngs(tmp_path):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     p4 = plots.plot_similarity_histograms(torch.tensor(x), torch.tensor(y), tmp_path / "h2.png")
     assert p4.stat().st_size > 1000
+
+
+def test_works_under_inference_mode():
+    """open_clip's evaluate() computes features under torch.inference_mode; the separability fit needs autograd."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(64, 8, generator=g), dim=-1)
+    y = torch.nn.functional.normalize(torch.randn(64, 8, generator=g), dim=-1)
+    with torch.inference_mode():
+        out = geometry_metrics(x, y, logit_scale=10.0)
+    assert out["linear_separability"] == geometry_metrics(x, y, logit_scale=10.0)["linear_separability"]
