@@ -249,12 +249,9 @@ class SigrelRun:
         from open_clip_sigrel.geometry import geometry_metrics
 
         values = self.bias_values()
-        # open_clip's evaluate() runs under inference_mode; the separability fit needs autograd.
-        with torch.inference_mode(False):
-            geometry = geometry_metrics(
-                image_features.clone(), text_features.clone(), logit_scale=float(logit_scale),
-                logit_bias=values.get("logit_bias"),
-            )
+        geometry = geometry_metrics(
+            image_features, text_features, logit_scale=float(logit_scale), logit_bias=values.get("logit_bias")
+        )
         for key, value in geometry.items():
             metrics.setdefault(key, value)
         return metrics
