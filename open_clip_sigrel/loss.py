@@ -552,7 +552,3 @@ class SigRelLoss(nn.Module):
         loss = total / _normalizer(self.normalize, image_features.shape[0], n_cols)
         return {"contrastive_loss": loss} if output_dict else loss
 
-
-def siglip_init_logits() -> tuple[float, float]:
-    """(log t, b_rel) of SigLIP's initialisation: t = 10, logit_bias = -10, i.e. b_rel = 1."""
-    return math.log(10.0), 1.0
