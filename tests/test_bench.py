@@ -51,7 +51,7 @@ def test_bench_loss_tiny(tmp_path, capsys):
     assert [(r["batch"], r["impl"]) for r in doc["rows"]] == [
         (64, "sigrel"), (64, "open_clip"), (128, "sigrel"), (128, "open_clip")]
     for row in doc["rows"]:
-        assert not row.get("error"), row
+        assert not row.get("error"), row.get("error")
         assert all(row[c] is not None for c in LOSS_COLUMNS), row
         assert row["time_ms"] > 0 and row["peak_extra_MiB"] >= 0
         if row["impl"] == "open_clip":
