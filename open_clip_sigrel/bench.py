@@ -646,7 +646,23 @@ def _environment(device: str) -> dict:
 
 
 def _run_worker(kind: str, cfg: dict, extra_env: dict | None = None) -> dict:
-    """Runs one measurement in a fresh interpreter; returns its result or {'error': ...}."""
+    """Runs one measurement in a fresh interpreter; returns its result or {'error': ...}.
+
+    A measurement process that dies (rarely seen here: a SIGABRT in a gloo rank on a loaded machine) is
+    run once more; the result then records the first failure under 'retried_after'.
+    """
+    first = None
+    for _ in range(2):
+        result = _run_worker_once(kind, cfg, extra_env)
+        if "error" not in result or "out of memory" in result["error"] or first is not None:
+            break
+        first = result["error"]
+    if first is not None and "error" not in result:
+        result["retried_after"] = first
+    return result
+
+
+def _run_worker_once(kind: str, cfg: dict, extra_env: dict | None) -> dict:
     env = {**os.environ, **(extra_env or {})}
     cmd = [sys.executable, "-m", "open_clip_sigrel.bench", "--worker", kind, json.dumps(cfg)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)

@@ -50,12 +50,15 @@ def test_bench_loss_tiny(tmp_path, capsys):
     assert doc["columns"] == LOSS_COLUMNS
     assert [(r["batch"], r["impl"]) for r in doc["rows"]] == [
         (64, "sigrel"), (64, "open_clip"), (128, "sigrel"), (128, "open_clip")]
+    refs = {r["batch"]: r for r in doc["rows"] if r["impl"] == "open_clip"}
     for row in doc["rows"]:
         assert not row.get("error"), row.get("error")
-        assert all(row[c] is not None for c in LOSS_COLUMNS), row
+        assert all(row[c] is not None for c in LOSS_COLUMNS if c != "mem_ratio"), row
+        # at these tiny sizes open_clip's extra memory can round to 0 MiB: the ratio is then undefined
+        assert (row["mem_ratio"] is None) == (refs[row["batch"]]["peak_extra_MiB"] == 0), row
         assert row["time_ms"] > 0 and row["peak_extra_MiB"] >= 0
         if row["impl"] == "open_clip":
-            assert row["time_ratio"] == row["mem_ratio"] == 1.0
+            assert row["time_ratio"] == 1.0 and row["mem_ratio"] in (1.0, None)
     # identical inputs: both implementations compute the same loss
     for batch in (64, 128):
         losses = [r["loss"] for r in doc["rows"] if r["batch"] == batch]
@@ -77,7 +80,8 @@ def test_bench_dist_tiny(tmp_path, capsys):
     rows = _header_and_rows(capsys.readouterr().out, DIST_COLUMNS)
     assert [r[:5] for r in rows] == [["1", "32", "16", "sigrel", "bidir"], ["1", "32", "16", "open_clip", "bidir"],
                                      ["2", "32", "16", "sigrel", "bidir"], ["2", "32", "16", "open_clip", "bidir"]]
-    assert all(len(r) == len(DIST_COLUMNS) and "-" not in r for r in rows)
+    # every measurement is there; a ratio may print "-" where a tiny reference peak rounds to 0
+    assert all(len(r) == len(DIST_COLUMNS) and "-" not in r[:7] and "failed" not in r for r in rows)
     doc = json.loads(out.read_text())
     for row in doc["rows"]:
         assert len(row["rank_peaks_MiB"]) == row["world"] and row["time_ms"] > 0
