@@ -1,8 +1,9 @@
-"""The one place that knows which open_clip releases the plugin supports.
+"""The one place that knows which open_clip releases the training entry supports.
 
-The seams used (open_clip_train.main's imported names, open_clip_train.train.get_clip_metrics /
-unwrap_model, open_clip.loss's neighbour-exchange helpers, SigLipLoss(dist_impl=...)) are the same
-from 2.30.0 (where --loss-dist-impl appeared) through 3.x.
+Only ``open-clip-sigrel-train`` (open_clip_sigrel.hosts) checks this: the loss, the geometry
+metrics and the bounds import and work whatever open_clip is installed. Which adapter runs is
+decided by probing open_clip_train (open_clip_sigrel.hosts.select), the range here is what is tested:
+2.30.0 (where --loss-dist-impl appeared) through 3.x by name swaps, 4.x through the task API.
 """
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import re
 from importlib.metadata import PackageNotFoundError, version
 
 MIN_VERSION = (2, 30)
-MAX_VERSION_EXCLUSIVE = (4,)
-SUPPORTED = "open_clip_torch>=2.30,<4"
+MAX_VERSION_EXCLUSIVE = (5,)
+SUPPORTED = "open_clip_torch>=2.30,<5"
 
 
 def _parse(v: str) -> tuple[int, ...]:
@@ -24,11 +25,11 @@ def check_open_clip_version(installed: str | None = None) -> str:
         try:
             installed = version("open_clip_torch")
         except PackageNotFoundError as e:
-            raise ImportError(f"open_clip_sigrel needs {SUPPORTED}; it is not installed") from e
+            raise ImportError(f"open-clip-sigrel-train needs {SUPPORTED}; open_clip_torch is not installed") from e
     parsed = _parse(installed)
     if not (MIN_VERSION <= parsed[: len(MIN_VERSION)] and parsed[:1] < MAX_VERSION_EXCLUSIVE):
         raise ImportError(
-            f"open_clip_sigrel supports {SUPPORTED}; found open_clip_torch {installed}. "
+            f"open-clip-sigrel-train supports {SUPPORTED}; found open_clip_torch {installed}. "
             "Install a supported release, e.g. pip install 'open_clip_torch==3.3.0'."
         )
     return installed

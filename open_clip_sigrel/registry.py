@@ -17,7 +17,7 @@ Hook protocol (see ``open_clip.factory.get_loss_plugin`` in the patch):
                                ``args.max_logit_scale`` (the patched clamp of t after each step).
   create_model_and_transforms  ``SigrelRun.create_model_and_transforms``: SigLIP-style init and the
                                trainable ``rel_bias`` (``enable_rel_bias``) before the optimizer exists.
-  create_loss(args)            ``SigrelRun.create_loss``: ``SigRelLoss``, stopped on a non-finite loss.
+  create_loss(args)            ``open_clip3.create_loss``: ``SigRelLoss`` in the LossMonitor (guard, telemetry).
 
 The geometry metrics and the extra log fields stay with ``open-clip-sigrel-train``.
 """
@@ -30,6 +30,8 @@ from typing import Any
 import torch.nn as nn
 
 from open_clip_sigrel import train as _train
+from open_clip_sigrel.hosts import open_clip3
+from open_clip_sigrel.hosts.common import SigrelRun
 from open_clip_sigrel.model_config import register_shipped_configs
 
 NAME = "sigrel"
@@ -41,7 +43,7 @@ class SigrelLossPlugin:
     name = NAME
 
     def __init__(self) -> None:
-        self._run: _train.SigrelRun | None = None
+        self._run: SigrelRun | None = None
 
     def add_args(self, parser: argparse.ArgumentParser) -> None:
         """Adds the plugin's ``--sigrel-*`` flags (all of them but its own ``--loss``) to open_clip's parser."""
@@ -52,9 +54,9 @@ class SigrelLossPlugin:
         """The plugin's own checks and defaults; the run's state starts here."""
         _train.resolve_args(args)
         args.max_logit_scale = args.sigrel_max_logit_scale
-        self._run = _train.SigrelRun(args)
+        self._run = SigrelRun(args)
 
-    def _own_run(self, args: argparse.Namespace) -> _train.SigrelRun | None:
+    def _own_run(self, args: argparse.Namespace) -> SigrelRun | None:
         """The run parsed by ``check_args`` — None when ``open-clip-sigrel-train`` drives the run
         itself (its hooks already wrap open_clip's functions; applying them twice would fail)."""
         run = self._run
@@ -71,12 +73,12 @@ class SigrelLossPlugin:
 
     def create_loss(self, args: argparse.Namespace) -> nn.Module:
         """``SigRelLoss`` for args parsed with this plugin's flags (open_clip_train's parse_args)."""
-        run = self._own_run(args) or _train.SigrelRun(args)
-        return run.create_loss(_no_stock_loss, args)
+        run = self._own_run(args) or SigrelRun(args)
+        return open_clip3.create_loss(run, _no_stock_loss, args)
 
 
 def _no_stock_loss(args: argparse.Namespace) -> nn.Module:
-    raise AssertionError("SigrelRun.create_loss builds SigRelLoss itself for --loss sigrel")
+    raise AssertionError("open_clip3.create_loss builds SigRelLoss itself for --loss sigrel")
 
 
 sigrel = SigrelLossPlugin()

@@ -1,7 +1,6 @@
 """End to end through the training entry on the shipped real-image data (CPU, offline)."""
 import json
 import math
-import re
 import socket
 import subprocess
 import textwrap
@@ -11,8 +10,7 @@ import pytest
 import torch
 
 from open_clip_sigrel import train as sigrel_train
-
-LINE = re.compile(r"Logit Scale: ([\d.]+) .*?Loss: ([\d.]+) .*Rel Bias: (-?[\d.]+) Logit Bias: (-?[\d.]+)")
+from open_clip_sigrel.hosts import common, open_clip3
 
 
 def _argv(data, logs, name, *extra, epochs=2, val=True):
@@ -29,8 +27,9 @@ def _argv(data, logs, name, *extra, epochs=2, val=True):
 
 
 def _train_lines(logs, name):
-    text = (Path(logs) / name / "out.log").read_text()
-    return [tuple(map(float, m.groups())) for m in LINE.finditer(text)]
+    """(t, loss, b_rel, logit_bias) of every log step, from the run's structured telemetry."""
+    return [(r["logit_scale"], r["loss"], r["rel_bias"], r["logit_bias"])
+            for r in common.read_telemetry(Path(logs) / name)]
 
 
 def _ckpt(logs, name, epoch):
@@ -46,7 +45,7 @@ def sigrel_run(digits_data, tmp_path_factory, monkeypatch_module):
     """One single-process --loss sigrel run, with the optimizer and model captured."""
     logs = tmp_path_factory.mktemp("logs")
     seen = {}
-    original_adamw, original_enable = torch.optim.AdamW, sigrel_train.enable_rel_bias
+    original_adamw, original_enable = torch.optim.AdamW, common.enable_rel_bias
 
     class SpyAdamW(original_adamw):
         def __init__(self, groups, **kw):
@@ -58,7 +57,7 @@ def sigrel_run(digits_data, tmp_path_factory, monkeypatch_module):
         return original_enable(model, **kw)
 
     monkeypatch_module.setattr(torch.optim, "AdamW", SpyAdamW)
-    monkeypatch_module.setattr(sigrel_train, "enable_rel_bias", spy_enable)
+    monkeypatch_module.setattr(common, "enable_rel_bias", spy_enable)
     assert sigrel_train.main(_argv(digits_data, logs, "sigrel", "--loss", "sigrel")) == 0
     return logs, seen
 
@@ -106,6 +105,14 @@ def test_geometry_metrics_reach_results_jsonl_and_tensorboard(sigrel_run):
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     assert {"val/margin_mean", "train/rel_bias", "train/logit_bias", "train/batch_margin_worst"} <= tags
+    # At open_clip's own steps, with the values of the structured telemetry.
+    host_steps = [e.step for e in acc.Scalars("train/loss")]
+    records = common.read_telemetry(Path(logs) / "sigrel")
+    for tag in ("train/rel_bias", "train/batch_margin_worst"):
+        events = acc.Scalars(tag)
+        assert [e.step for e in events] == host_steps == [r["step"] for r in records]
+        key = tag.split("/", 1)[1]
+        assert [e.value for e in events] == pytest.approx([r[key] for r in records], rel=1e-5, abs=1e-6)
 
 
 def test_checkpoint_loads_in_stock_open_clip_with_the_same_logits(sigrel_run, digits_data, python):
@@ -155,13 +162,13 @@ def test_max_logit_scale_replaces_open_clips_clamp():
     model = torch.nn.Module()
     model.logit_scale = scale
     with torch.no_grad():
-        sigrel_train._ClampView(model, math.log(1000.0)).logit_scale.clamp_(0, math.log(100))
+        open_clip3.ClampView(model, math.log(1000.0)).logit_scale.clamp_(0, math.log(100))
     assert scale.exp().item() == pytest.approx(500.0)  # open_clip's ln(100) no longer applies
     with torch.no_grad():
-        sigrel_train._ClampView(model, math.log(200.0)).logit_scale.clamp_(0, math.log(100))
+        open_clip3.ClampView(model, math.log(200.0)).logit_scale.clamp_(0, math.log(100))
     assert scale.exp().item() == pytest.approx(200.0)
     with torch.no_grad():
-        sigrel_train._ClampView(model, math.inf).logit_scale.clamp_(0, math.log(100))
+        open_clip3.ClampView(model, math.inf).logit_scale.clamp_(0, math.log(100))
     assert scale.exp().item() == pytest.approx(200.0)
 
 
@@ -229,7 +236,7 @@ def test_pretrained_stock_checkpoint_starts_a_sigrel_fine_tune(tmp_path, logit_b
     args = sigrel_train.parse_args(
         ["--train-data", "x.tar", "--model", "sigrel-tiny", "--loss", "sigrel", "--pretrained", str(ckpt), *flags]
     )
-    run = sigrel_train.SigrelRun(args)
+    run = common.SigrelRun(args)
     model, _, _ = run.create_model_and_transforms(
         open_clip.create_model_and_transforms, args.model, args.pretrained, output_dict=True
     )
@@ -261,17 +268,24 @@ def test_bad_input_fails_before_any_work(extra, message, capsys):
 
 def test_non_finite_loss_stops_with_step_and_values():
     args = sigrel_train.parse_args(["--train-data", "x.tar", "--model", "sigrel-tiny", "--loss", "sigrel"])
-    run = sigrel_train.SigrelRun(args)
-    run.epoch, run.steps_per_epoch = 3, 10
-    monitor = sigrel_train.LossMonitor(sigrel_train.SigRelLoss(), run)
-    x = torch.full((4, 8), math.nan)
-    with pytest.raises(FloatingPointError, match=r"epoch 3, step 30"):
-        monitor(image_features=x, text_features=x, logit_scale=torch.tensor(10.0), logit_bias=torch.tensor(-10.0))
+    args.rank, args.world_size = 0, 1  # set by open_clip's main
+    run = common.SigrelRun(args)
+    run.start_epoch(3, 10 * args.accum_freq)
+    monitor = common.LossMonitor(run.sigrel_loss(), run, open_clip3.is_log_step, report="writer")
+    good = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    bad = torch.full((4, 8), math.nan)
+    kw = dict(logit_scale=torch.tensor(10.0), logit_bias=torch.tensor(-5.0))
+    monitor(image_features=good, text_features=good, **kw)  # step 30: the check there passes
+    monitor(image_features=bad, text_features=bad, **kw)  # step 31: no host read, no error yet
+    for _ in range(7):
+        monitor(image_features=good, text_features=good, **kw)  # steps 32-38: not checked
+    with pytest.raises(FloatingPointError, match=r"step 31 \(epoch 3, batch 1 .*t = 10, b_rel = 0.5"):
+        monitor(image_features=good, text_features=good, **kw)  # step 39, the epoch's last: checked
 
 
 def test_geometry_hook_works_under_open_clips_inference_mode():
     args = sigrel_train.parse_args(["--train-data", "x.tar", "--model", "sigrel-tiny"])
-    run = sigrel_train.SigrelRun(args)
+    run = common.SigrelRun(args)
     g = torch.Generator().manual_seed(0)
     x = torch.nn.functional.normalize(torch.randn(64, 8, generator=g), dim=-1)
     y = torch.nn.functional.normalize(torch.randn(64, 8, generator=g), dim=-1)  # not separable by centroids
@@ -291,7 +305,7 @@ def test_no_loss_flag_is_plain_open_clip():
     import open_clip
 
     args.distill, args.rank, args.world_size = False, 0, 1  # set by open_clip's main before create_loss
-    loss = sigrel_train.SigrelRun(args).create_loss(open_clip.create_loss, args)
+    loss = open_clip3.create_loss(common.SigrelRun(args), open_clip.create_loss, args)
     assert type(loss.loss).__name__ == "ClipLoss"
 
 

@@ -1,0 +1,358 @@
+"""What both host adapters share: the run's state, the model extension at creation, the loss
+monitor (step clock, non-finite guard, training telemetry) and the geometry hook on evaluation.
+
+Nothing here names an open_clip_train internal; the adapters (open_clip3 / open_clip4) decide
+where these pieces are plugged in.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+
+import torch
+import torch.nn as nn
+
+from open_clip_sigrel.loss import SigRelLoss
+from open_clip_sigrel.model import enable_rel_bias, has_rel_bias
+
+_logger = logging.getLogger("open_clip_sigrel")
+
+# The non-finite guard reads its device-side flag every CHECK_EVERY optimizer steps (and on every
+# log step): one tiny collective and one device-to-host read there, none on the other steps.
+CHECK_EVERY = 10
+TELEMETRY_FILE = "sigrel_train.jsonl"
+
+
+class SigrelRun:
+    """What the plugged-in functions share during one open_clip training run."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.model: nn.Module | None = None
+        self.epoch = 0
+        self.steps_per_epoch = 0
+        self.loss_calls = 0
+        self.tb_writer = None
+        self.optimizer = None
+        self.telemetry = Telemetry(args)
+
+    # -- the host's epoch loop
+    def start_epoch(self, epoch: int, num_batches: int, tb_writer=None, optimizer=None) -> None:
+        self.epoch, self.tb_writer, self.optimizer, self.loss_calls = epoch, tb_writer, optimizer, 0
+        self.steps_per_epoch = num_batches // self.args.accum_freq
+
+    @property
+    def step_in_epoch(self) -> int:
+        """Index of the optimizer step in progress (the host calls the loss accum_freq times a step)."""
+        return max(self.loss_calls - 1, 0) // self.args.accum_freq
+
+    @property
+    def step(self) -> int:
+        """The host's global step, as it logs it: steps_per_epoch * epoch + step in epoch."""
+        return self.steps_per_epoch * self.epoch + self.step_in_epoch
+
+    # -- model
+    def create_model_and_transforms(self, original, model_name, pretrained=None, **kwargs):
+        args = self.args
+        if self.model is not None or args.loss != "sigrel":  # distillation teacher, or not sigrel
+            out = original(model_name, pretrained, **kwargs)
+            self.model = self.model or out[0]
+            return out
+        t0, b0 = args.sigrel_init_logit_scale, args.sigrel_init_rel_bias
+        kwargs.update(init_logit_scale=math.log(t0), init_logit_bias=-t0 * b0)
+        with _record_checkpoint_keys() as seen:
+            model, *transforms = original(model_name, pretrained, **kwargs)
+        loaded = bool(seen)
+        had_bias = any("logit_bias" in keys for keys in seen)
+        explicit = args.sigrel_explicit_init
+        enable_rel_bias(
+            model,
+            rel_bias=b0 if (not loaded or explicit["rel_bias"] or not had_bias) else None,
+            logit_scale=t0 if (not loaded or explicit["logit_scale"]) else None,
+            fixed_rel_bias=args.sigrel_fixed_rel_bias,
+            fixed_logit_scale=args.sigrel_fixed_logit_scale,
+        )
+        v = model.sigrel_values
+        _logger.info(
+            f"sigrel: t = {v['logit_scale']:.4f}, b_rel = {v['rel_bias']:.4f} (logit_bias = {v['logit_bias']:.4f})"
+            + (" from the pretrained checkpoint" if loaded and had_bias else "")
+            + (", b_rel fixed" if args.sigrel_fixed_rel_bias else "")
+            + (", t fixed" if args.sigrel_fixed_logit_scale else "")
+        )
+        self.model = model
+        return (model, *transforms)
+
+    # -- loss
+    def sigrel_loss(self) -> SigRelLoss:
+        args = self.args
+        return SigRelLoss(rank=args.rank, world_size=args.world_size, dist_impl=args.loss_dist_impl,
+                          normalize=args.sigrel_normalize, chunk_size=args.sigrel_chunk_size)
+
+    # -- evaluation
+    def bias_values(self) -> dict[str, float]:
+        """t, b_rel and logit_bias of the model being trained (b_rel = -logit_bias / t for any bias).
+
+        Called on rank 0 alone (open_clip evaluates there), so parameters are read from the local
+        shard under FSDP2 (a [1] parameter lives whole on rank 0): no collective.
+        """
+        model = self.model
+        if model is None or not hasattr(model, "logit_scale"):
+            return {}
+        with torch.no_grad():
+            t = math.exp(_local_scalar(model.logit_scale))
+            if has_rel_bias(model):
+                b = _local_scalar(model.rel_bias)
+                return {"logit_scale": t, "rel_bias": b, "logit_bias": -t * b}
+            bias = getattr(model, "logit_bias", None)
+            if bias is None:
+                return {"logit_scale": t}
+            lb = _local_scalar(bias)
+        return {"logit_scale": t, "rel_bias": -lb / t, "logit_bias": lb}
+
+    def get_clip_metrics(self, original, image_features, text_features, logit_scale, **kwargs):
+        metrics = original(image_features=image_features, text_features=text_features, logit_scale=logit_scale,
+                           **kwargs)
+        if self.args.sigrel_no_geometry:
+            return metrics
+        from open_clip_sigrel.geometry import geometry_metrics
+
+        if isinstance(image_features, (list, tuple)):  # open_clip 4.x hands over the per-batch chunks
+            image_features, text_features = torch.cat(list(image_features)), torch.cat(list(text_features))
+        values = self.bias_values()
+        geometry = geometry_metrics(
+            image_features, text_features, logit_scale=float(logit_scale), logit_bias=values.get("logit_bias")
+        )
+        for key, value in geometry.items():
+            metrics.setdefault(key, value)
+        return metrics
+
+
+def _local_scalar(p: torch.Tensor) -> float:
+    local = p.to_local() if hasattr(p, "to_local") else p  # DTensor under FSDP2
+    return float(local.detach().float().reshape(-1)[0])
+
+
+@torch.no_grad()
+def batch_constellation(image_features: torch.Tensor, text_features: torch.Tensor, chunk_size: int = 1024
+                        ) -> dict[str, torch.Tensor]:
+    """Worst-case and mean halved margin / relative bias of one local batch (the paper's m*, b*_rel).
+
+    Returned as 0-d tensors on the features' device (no host synchronisation); row blocks keep memory
+    at chunk_size x B. The full metric set is open_clip_sigrel.geometry's.
+    """
+    x = torch.nn.functional.normalize(image_features.float(), dim=-1)
+    y = torch.nn.functional.normalize(text_features.float(), dim=-1)
+    n = x.shape[0]
+    if n < 2:
+        return {}
+    pos = (x * y).sum(-1)
+    neg_max = x.new_full((), -math.inf)
+    neg_sum = x.new_zeros((), dtype=torch.float64)
+    for lo in range(0, n, chunk_size):
+        s = x[lo:lo + chunk_size] @ y.T
+        rows = torch.arange(s.shape[0], device=s.device)
+        diag = s[rows, rows + lo].clone()
+        neg_sum += s.sum(dtype=torch.float64) - diag.sum(dtype=torch.float64)
+        s[rows, rows + lo] = -math.inf
+        neg_max = torch.maximum(neg_max, s.max())
+    pos_min, pos_mean, neg_mean = pos.min(), pos.mean(), (neg_sum / (n * (n - 1))).float()
+    return {
+        "margin_worst": (pos_min - neg_max) / 2, "rel_bias_worst": (pos_min + neg_max) / 2,
+        "margin_mean": (pos_mean - neg_mean) / 2, "rel_bias_mean": (pos_mean + neg_mean) / 2,
+    }
+
+
+class Telemetry:
+    """Training scalars as data: one JSON object per host log step in ``<logs>/<name>/sigrel_train.jsonl``.
+
+    Schema (one line each): step (the host's global step, as in TensorBoard), epoch, time (unix s),
+    lr, loss (this rank's total loss of the step), logit_scale (t), rel_bias (b_rel = -logit_bias / t),
+    logit_bias, and batch_margin_worst / batch_rel_bias_worst / batch_margin_mean /
+    batch_rel_bias_mean of rank 0's local batch. All values are those of the step's forward pass
+    (before its optimizer update), like open_clip's own logit_scale. Rank 0 writes; appended on
+    --resume.
+    """
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+
+    @property
+    def path(self) -> str | None:
+        logs, name = getattr(self.args, "logs", None), getattr(self.args, "name", None)
+        if not logs or str(logs).lower() == "none" or not name:
+            return None
+        return os.path.join(logs, name, TELEMETRY_FILE)
+
+    def write(self, record: dict) -> None:
+        path = self.path
+        if path is None or getattr(self.args, "rank", 0) != 0:
+            return
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_telemetry(path: str | os.PathLike) -> list[dict]:
+    """The records of a run's sigrel_train.jsonl (a file, or the run folder that holds it)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, TELEMETRY_FILE)
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class NonFiniteGuard:
+    """Stops every rank on a non-finite loss without a host synchronisation per micro-step.
+
+    ``observe`` keeps, on the device, the first step whose loss was not finite and t, b_rel there;
+    ``check`` (every rank, at the same steps) takes the minimum over ranks in one all_reduce and
+    raises on every rank at once, so none is left waiting in a collective.
+    """
+
+    def __init__(self):
+        self._state: torch.Tensor | None = None  # [first bad step (inf if none), t, b_rel]
+
+    def observe(self, total: torch.Tensor, step: int, t: torch.Tensor, b_rel: torch.Tensor) -> None:
+        total = total.detach()
+        if self._state is None:
+            self._state = torch.tensor([math.inf, math.nan, math.nan], device=total.device, dtype=torch.float64)
+        row = torch.stack([total.new_tensor(float(step), dtype=torch.float64),
+                           t.detach().reshape(-1)[0].double(), b_rel.detach().reshape(-1)[0].double()])
+        first = ~torch.isfinite(total).all() & torch.isinf(self._state[0])
+        self._state = torch.where(first, row, self._state)
+
+    def check(self, epoch: int, steps_per_epoch: int) -> None:
+        if self._state is None:
+            return
+        state = self._state.clone()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Min over ranks of the first bad step; the values travel with the rank that saw it first.
+            step = state[:1].clone()
+            torch.distributed.all_reduce(step, op=torch.distributed.ReduceOp.MIN)
+            mine = state[0] == step[0]
+            values = torch.where(mine, state[1:], torch.zeros_like(state[1:]))
+            count = mine.double().reshape(1)
+            torch.distributed.all_reduce(values)
+            torch.distributed.all_reduce(count)
+            state = torch.cat([step, values / count.clamp_min(1)])
+        step, t, b = state.tolist()
+        if math.isinf(step):
+            return
+        step = int(step)
+        raise FloatingPointError(
+            f"non-finite loss at step {step} (epoch {step // max(steps_per_epoch, 1)}, "
+            f"batch {step % max(steps_per_epoch, 1)} of the epoch, found at the check of epoch {epoch}): "
+            f"t = {t:.6g}, b_rel = {b:.6g}, logit_bias = {-t * b:.6g}. Lower the learning rate, use "
+            "--precision amp_bf16 or fp32, or clip gradients (--grad-clip-norm)."
+        )
+
+
+class LossMonitor(nn.Module):
+    """Wraps the run's loss: counts calls (the step clock), guards against a non-finite loss and
+    records the training telemetry on the host's log steps.
+
+    ``report`` decides where the telemetry goes: "losses" (open_clip 4.x logs every non-``*_loss``
+    key of the loss dict as a train/ scalar) or "writer" (open_clip 3.x sums every key, so the
+    scalars go to its TensorBoard writer / W&B at its step instead).
+    """
+
+    def __init__(self, loss: nn.Module, run: SigrelRun, is_log_step, report: str):
+        super().__init__()
+        self.loss = loss
+        self._run = [run]  # a list keeps the run out of the module tree
+        self._is_log_step = is_log_step
+        self._report = report
+        self.guard = NonFiniteGuard()
+
+    @torch.compiler.disable  # step counting and collectives stay eager under --torchcompile
+    def forward(self, **kwargs):
+        run = self._run[0]
+        run.loss_calls += 1
+        out = self.loss(**kwargs)
+        total = sum(out.values()) if isinstance(out, dict) else out
+        t, bias = kwargs["logit_scale"], kwargs.get("logit_bias")
+        b_rel = -bias / t if bias is not None else torch.full_like(t, math.nan)
+        step, i = run.step, run.step_in_epoch
+        self.guard.observe(total, step, t, b_rel)
+        if run.loss_calls % run.args.accum_freq:  # not the step's last micro-batch
+            return out
+        log_step = self._is_log_step(i, run.steps_per_epoch, run.args)
+        if log_step or i % CHECK_EVERY == 0:
+            self.guard.check(run.epoch, run.steps_per_epoch)
+        if not log_step:
+            return out
+        scalars = {"rel_bias": b_rel.detach().reshape(-1)[0]}
+        batch = batch_constellation(kwargs["image_features"].detach(), kwargs["text_features"].detach())
+        scalars.update({f"batch_{k}": v for k, v in batch.items()})
+        if self._report == "losses" and isinstance(out, dict):
+            out = {**out, **scalars}
+        if getattr(run.args, "rank", 0) == 0:
+            self._record(run, step, total, t, bias, scalars)
+        return out
+
+    def _record(self, run: SigrelRun, step: int, total, t, bias, scalars: dict) -> None:
+        values = {k: float(v) for k, v in scalars.items()}
+        t = float(t.detach().reshape(-1)[0])
+        record = {"step": step, "epoch": run.epoch, "time": time.time(), "loss": float(total.detach()),
+                  "logit_scale": t}
+        if bias is not None:
+            record["logit_bias"] = float(bias.detach().reshape(-1)[0])
+        if run.optimizer is not None:
+            record["lr"] = run.optimizer.param_groups[0]["lr"]
+        record.update(values)
+        run.telemetry.write(record)
+        if self._report == "writer":
+            named = {f"train/{k}": v for k, v in values.items()}
+            if "logit_bias" in record:
+                named["train/logit_bias"] = record["logit_bias"]
+            if run.tb_writer is not None:
+                for name, value in named.items():
+                    run.tb_writer.add_scalar(name, value, step)
+            if getattr(run.args, "wandb", False):
+                import wandb
+
+                wandb.log(named, step=step)
+
+
+@contextlib.contextmanager
+def _record_checkpoint_keys() -> Iterator[list]:
+    """Records the keys of every state dict open_clip's factory loads (did the weights have a bias?)."""
+    import open_clip.factory as factory
+
+    seen: list = []
+    original = factory.load_state_dict
+
+    def load_state_dict(*a, **kw):
+        sd = original(*a, **kw)
+        seen.append(set(sd))
+        return sd
+
+    factory.load_state_dict = load_state_dict
+    try:
+        yield seen
+    finally:
+        factory.load_state_dict = original
+
+
+class CpuSafeDDP(torch.nn.parallel.DistributedDataParallel):
+    """open_clip passes device_ids=[cpu device], which DDP rejects; CPU modules take none."""
+
+    def __init__(self, module, device_ids=None, *args, **kwargs):
+        if device_ids and all(torch.device(d).type == "cpu" for d in device_ids):
+            device_ids = None
+        super().__init__(module, device_ids, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def swapped(obj, name: str, value) -> Iterator[None]:
+    original = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, original)
