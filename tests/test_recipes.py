@@ -4,13 +4,22 @@ Each recipe builds its arguments in a bash array and, with ``SIGREL_RECIPE_DRY_R
 them NUL-separated instead of launching; ``=1`` prints the whole launcher command. The arguments are
 exactly what bash would pass (defaults, environment overrides and brace placeholders included), and
 ``open_clip_sigrel.train.parse_args`` runs open_clip's own parser plus the plugin's checks on them.
+
+The whole launcher line goes through its launcher's parser too (torchrun's own argparse parser; an
+explicit parse of srun's and python's few options), since a launcher that swallows a training flag
+(torchrun reads ``--logs`` as a prefix of its ``--logs-specs``) never starts the run; and one recipe's
+argument set, shrunk to CPU sizes, really runs under torchrun with two processes.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shlex
 import shutil
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,6 +59,13 @@ def recipe_args(script: str, **env: str) -> list[str]:
     text = out.stdout.decode()
     assert text.endswith("\0"), f"{script}: expected NUL-terminated arguments, got {text!r}"
     return text[:-1].split("\0")
+
+
+def launcher_line(script: str, **env: str) -> list[str]:
+    """The full command the recipe would exec (its ``printf %q`` dry run, split as bash would)."""
+    out = subprocess.run([BASH, str(RECIPES / script)], env=_env(SIGREL_RECIPE_DRY_RUN="1", **env),
+                         capture_output=True, text=True, check=True, timeout=60).stdout
+    return shlex.split(out)
 
 
 def _parse(script: str, argv: list[str]):
@@ -145,9 +161,11 @@ def test_dry_run_prints_the_launcher_with_the_same_arguments(script):
     assert cmd[0] == LAUNCHER[script]
     module = cmd.index("open_clip_sigrel.train")
     assert cmd[module - 1] == "-m"
-    assert cmd[module + 1:] == recipe_args(script)
-    if LAUNCHER[script] == "torchrun":
+    if LAUNCHER[script] == "torchrun":  # `--` ends torchrun's own options (see the tests below)
+        assert cmd[module + 1] == "--" and cmd[module + 2:] == recipe_args(script)
         assert cmd[cmd.index("--nproc_per_node") + 1] == "8"
+    else:
+        assert cmd[module + 1:] == recipe_args(script)
 
 
 @pytest.mark.parametrize("script", [s for s in SCRIPTS if LAUNCHER[s] == "srun"])
@@ -158,3 +176,182 @@ def test_sbatch_directives_come_before_any_command(script):
     assert all(not line.strip() or line.startswith("#") for line in lines[:last])
     directives = {line.split()[1].split("=")[0] for line in lines if line.startswith("#SBATCH")}
     assert {"--nodes", "--ntasks-per-node", "--gres"} <= directives
+
+
+# ---------------------------------------------------------------- the launcher line, parsed by its launcher
+
+TRAIN_MODULE = "open_clip_sigrel.train"
+# Environments the launcher checks run under: the defaults, and every override (IMAGENET_VAL adds flags).
+LAUNCH_ENVS = {
+    "defaults": {},
+    "overrides": {"LOGS": "/mnt/logs", "NAME": "my-run", "BATCH_SIZE": "64", "EPOCHS": "3",
+                  "IMAGENET_VAL": "/mnt/imagenet/val", "NPROC_PER_NODE": "4", "GPUS_PER_NODE": "4"},
+}
+
+
+def torchrun_training_argv(script: str, cmd: list[str]):
+    """torchrun's own parser on the launcher line; returns its args and what the module receives."""
+    from torch.distributed.run import get_args_parser
+
+    assert cmd[0] == "torchrun", cmd
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            args = get_args_parser().parse_args(cmd[1:])
+    except SystemExit as e:
+        pytest.fail(f"{script}: torchrun's parser rejected the launcher line (exit {e.code}): "
+                    f"{err.getvalue().strip()}\n{shlex.join(cmd)}")
+    assert args.module and args.training_script == TRAIN_MODULE, (args.module, args.training_script)
+    argv = list(args.training_script_args)
+    if argv[:1] == ["--"]:  # kept or dropped by argparse depending on the Python version;
+        argv = argv[1:]     # open_clip_sigrel.train.main drops it itself
+    return args, argv
+
+
+# srun options the recipes use, with whether they take a value. srun stops at its first non-option.
+SRUN_OPTIONS = {"--cpu_bind": True, "--cpu-bind": True, "--accel-bind": True, "--kill-on-bad-exit": True,
+                "--label": False, "-l": False, "--unbuffered": False, "-u": False}
+PYTHON_FLAGS = {"-u", "-B", "-E", "-I", "-O", "-s", "-S", "-b", "-q"}  # python options without a value
+
+
+def srun_training_argv(script: str, cmd: list[str]) -> tuple[list[str], list[str]]:
+    """(srun's options, the module's argv) of ``srun [OPTIONS] python [FLAGS] -m MODULE ARGS``."""
+    assert cmd[0] == "srun", cmd
+    i, srun_opts = 1, []
+    while cmd[i].startswith("-"):
+        name, eq, _ = cmd[i].partition("=")
+        assert name in SRUN_OPTIONS, f"{script}: srun option {cmd[i]!r} unknown to this test: add it to SRUN_OPTIONS"
+        takes_value = SRUN_OPTIONS[name]
+        assert not (eq and not takes_value), f"{script}: srun {name} takes no value: {cmd[i]!r}"
+        width = 2 if takes_value and not eq else 1
+        srun_opts += cmd[i:i + width]
+        i += width
+    assert Path(cmd[i]).name in ("python", "python3"), f"{script}: srun should launch python, got {cmd[i]!r}"
+    i += 1
+    while cmd[i] != "-m":
+        assert cmd[i] in PYTHON_FLAGS, f"{script}: python option {cmd[i]!r} before -m unknown to this test"
+        i += 1
+    assert cmd[i + 1] == TRAIN_MODULE, cmd[i + 1]
+    return srun_opts, cmd[i + 2:]  # python hands everything after `-m MODULE` to the module
+
+
+@pytest.mark.parametrize("env_name", LAUNCH_ENVS)
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_launcher_line_reaches_the_plugin_parser(script, env_name):
+    env = LAUNCH_ENVS[env_name]
+    cmd = launcher_line(script, **env)
+    if LAUNCHER[script] == "torchrun":
+        targs, argv = torchrun_training_argv(script, cmd)
+        assert targs.standalone and targs.nproc_per_node == env.get("NPROC_PER_NODE", "8")
+        # torchrun kept none of the training flags for itself (the default --logs-specs / --log-dir).
+        assert targs.logs_specs is None and targs.log_dir is None
+    else:
+        srun_opts, argv = srun_training_argv(script, cmd)
+        assert srun_opts == ["--cpu_bind=v", "--accel-bind=gn"]
+    assert argv == recipe_args(script, **env), "the launcher must hand the module exactly the recipe's ARGS"
+    args = _parse(script, argv)
+    assert args.logs == env.get("LOGS", "./logs")
+    if env:  # the overrides went through bash, the launcher and both parsers
+        assert (args.name, args.batch_size, args.epochs) == ("my-run", 64, 3)
+        assert args.imagenet_val == "/mnt/imagenet/val" and args.zeroshot_frequency == 2
+
+
+@pytest.mark.parametrize("script", [s for s in SCRIPTS if LAUNCHER[s] == "torchrun"])
+def test_torchrun_check_catches_a_missing_double_dash(script, capsys):
+    """Negative control: the launcher line without `--` is what the recipes shipped, and it fails."""
+    cmd = launcher_line(script)
+    sep = cmd.index(TRAIN_MODULE) + 1
+    assert cmd[sep] == "--"
+    broken = cmd[:sep] + cmd[sep + 1:]
+    from torch.distributed.run import get_args_parser
+
+    with pytest.raises(SystemExit) as exc:
+        get_args_parser().parse_args(broken[1:])
+    assert exc.value.code == 2
+    assert "ambiguous option: --logs could match --logs-specs" in capsys.readouterr().err
+    with pytest.raises(pytest.fail.Exception, match="ambiguous option: --logs"):
+        torchrun_training_argv(script, broken)
+    torchrun_training_argv(script, cmd)  # while the real line passes the same check
+
+
+def test_srun_check_catches_a_bad_command():
+    """Negative control for the srun parse: a foreign option or a wrong program does not slip through."""
+    good = launcher_line("laion_sigrel_slurm.sh")
+    _, argv = srun_training_argv("x", good)
+    assert argv == recipe_args("laion_sigrel_slurm.sh")
+    with pytest.raises(AssertionError, match="unknown to this test"):
+        srun_training_argv("x", good[:1] + ["--mystery"] + good[1:])
+    with pytest.raises(AssertionError, match="should launch python"):
+        srun_training_argv("x", [a if a != "python" else "torchrun" for a in good])
+    with pytest.raises(SystemExit):  # a broken training flag after `-m` reaches the plugin's parser
+        parse_args(srun_training_argv("x", good + ["--no-such-flag"])[1])
+
+
+# ---------------------------------------------------------------- one recipe really runs (2 CPU processes)
+
+
+def rewrite_args(argv: list[str], replace: dict[str, str], drop: dict[str, int] = (), add: list[str] = ()):
+    """The recipe's own argument list with the values of ``replace``'s flags swapped (each must be there),
+    ``drop``'s flags (with their number of values) removed, and ``add`` appended."""
+    out, i, seen = [], 0, set()
+    drop = dict(drop)
+    while i < len(argv):
+        flag = argv[i]
+        if flag in replace:
+            out += [flag, replace[flag]]
+            seen.add(flag)
+            i += 2
+        elif flag in drop:
+            i += 1 + drop[flag]
+        else:
+            out.append(flag)
+            i += 1
+    missing = set(replace) - seen
+    assert not missing, f"the recipe no longer passes {sorted(missing)}"
+    return out + list(add)
+
+
+def test_rewrite_args_keeps_everything_else():
+    argv = ["--a", "1", "--flag", "--b", "2", "--c", "3", "x"]
+    assert rewrite_args(argv, {"--b": "20"}, {"--c": 2}, ["--d", "4"]) == ["--a", "1", "--flag", "--b", "20", "--d", "4"]
+    with pytest.raises(AssertionError, match="--zzz"):
+        rewrite_args(argv, {"--zzz": "0"})
+
+
+def test_recipe_argument_set_trains_under_torchrun_on_two_cpu_processes(digits_data, tmp_path):
+    script = "cc3m_sigrel_8gpu.sh"
+    cmd, argv = launcher_line(script), recipe_args(script)
+    sep = cmd.index(TRAIN_MODULE) + 1
+    assert cmd[sep] == "--" and cmd[sep + 1:] == argv
+    # The recipe's own launcher line (--standalone ... -m MODULE --), with 2 processes instead of 8.
+    launcher = rewrite_args(cmd[1:sep + 1], {"--nproc_per_node": "2"})
+    logs, name = tmp_path / "logs", "recipe-cpu"
+    train = rewrite_args(argv, {
+        "--model": "sigrel-tiny", "--train-data": digits_data["train_data"],
+        "--train-num-samples": str(digits_data["train_num_samples"]), "--val-data": digits_data["val_data"],
+        "--val-num-samples": str(digits_data["val_num_samples"]), "--batch-size": "32", "--epochs": "1",
+        "--workers": "0", "--precision": "fp32", "--warmup": "2", "--logs": str(logs), "--name": name,
+    }, drop={"--imagenet-val": 1, "--zeroshot-frequency": 1}, add=["--device", "cpu"])
+    full = [sys.executable, "-m", "torch.distributed.run", *launcher, *train]
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)  # its own process group: a hang kills the workers too
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"the 2-process run hung (300 s):\n{shlex.join(full)}\n{err[-3000:]}")
+    assert proc.returncode == 0, f"{shlex.join(full)}\n{err[-6000:]}\n{out[-1000:]}"
+    run = logs / name
+    assert (run / "checkpoints" / "epoch_1.pt").is_file()
+    params = dict(line.split(": ", 1) for line in (run / "params.txt").read_text().splitlines())
+    # The recipe's own choices reached the run (sizes aside) and both processes took part.
+    assert params["loss"] == "sigrel" and params["loss_dist_impl"] == "bidir" and params["world_size"] == "2"
+    assert params["sigrel_max_logit_scale"] == "1000.0" and params["precision"] == "fp32"
+    assert (params["beta2"], params["lr"], params["model"]) == ("0.98", "0.0005", "sigrel-tiny")
+    log = (run / "out.log").read_text()
+    # --resume latest kept (open_clip then sets args.resume to what it found): nothing yet, a fresh start.
+    assert "No latest resume checkpoint found" in log and params["resume"] == "None"
+    rows = (run / "checkpoints" / "results.jsonl").read_text().splitlines()
+    assert rows and "margin_mean" in rows[-1]  # --val-frequency 1: evaluated, geometry metrics logged
