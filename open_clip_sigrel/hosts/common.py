@@ -94,6 +94,20 @@ class SigrelRun:
         return SigRelLoss(rank=args.rank, world_size=args.world_size, dist_impl=args.loss_dist_impl,
                           normalize=args.sigrel_normalize, chunk_size=args.sigrel_chunk_size)
 
+    def exact_bias(self, t: torch.Tensor, bias, b_rel: torch.Tensor):
+        """(t, logit_bias, b_rel) of the step from the parameters themselves, in their own precision.
+
+        Under FSDP2 mixed precision the forward sees t and b_rel rounded to bf16/fp16; the logs show the
+        trained values. Every rank calls this at the same steps (a DTensor gathers collectively).
+        """
+        model = self.model
+        if model is None or not has_rel_bias(model):
+            return t, bias, b_rel
+        with torch.no_grad():
+            t = _full(model.logit_scale).float().exp().reshape(())
+            b_rel = _full(model.rel_bias).float().reshape(()).clone()  # the host reads it after the step
+        return t, -t * b_rel, b_rel
+
     # -- evaluation
     def bias_values(self) -> dict[str, float]:
         """t, b_rel and logit_bias of the model being trained (b_rel = -logit_bias / t for any bias).
@@ -131,6 +145,10 @@ class SigrelRun:
         for key, value in geometry.items():
             metrics.setdefault(key, value)
         return metrics
+
+
+def _full(p: torch.Tensor) -> torch.Tensor:
+    return p.full_tensor() if hasattr(p, "full_tensor") else p  # DTensor under FSDP2: a collective
 
 
 def _local_scalar(p: torch.Tensor) -> float:
@@ -286,6 +304,7 @@ class LossMonitor(nn.Module):
             self.guard.check(run.epoch, run.steps_per_epoch)
         if not log_step:
             return out
+        t, bias, b_rel = run.exact_bias(t, bias, b_rel)
         scalars = {"rel_bias": b_rel.detach().reshape(-1)[0]}
         batch = batch_constellation(kwargs["image_features"].detach(), kwargs["text_features"].detach())
         scalars.update({f"batch_{k}": v for k, v in batch.items()})
@@ -303,7 +322,7 @@ class LossMonitor(nn.Module):
         if bias is not None:
             record["logit_bias"] = float(bias.detach().reshape(-1)[0])
         if run.optimizer is not None:
-            record["lr"] = run.optimizer.param_groups[0]["lr"]
+            record["lr"] = float(run.optimizer.param_groups[0]["lr"])  # a tensor under --torchcompile-strategy step
         record.update(values)
         run.telemetry.write(record)
         if self._report == "writer":
