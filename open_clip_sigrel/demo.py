@@ -15,7 +15,8 @@ document with ``--json``), writes plots, and says in two sentences what the numb
 Layout under ``--output`` (default ``./sigrel_demo``)::
 
     data/                         the dataset cache (``--data-dir``)
-    runs/siglip/, runs/sigrel/    open_clip's run folders: out.log, checkpoints/results.jsonl, epoch_N.pt
+    runs/siglip/, runs/sigrel/    open_clip's run folders: out.log, sigrel_train.jsonl (per-step telemetry),
+                                  checkpoints/results.jsonl, epoch_N.pt
     runs/<name>.console.log       everything the training subprocess printed
     comparison.png                t, b_rel, train loss, val margin and R@1 of both runs
     <name>_curves.png             open_clip_sigrel.plots.plot_training_curves of each run
@@ -36,13 +37,14 @@ import argparse
 import json
 import math
 import os
-import re
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from open_clip_sigrel.hosts.common import TELEMETRY_FILE, read_telemetry
 
 __all__ = [
     "DEFAULTS",
@@ -51,7 +53,7 @@ __all__ = [
     "run",
     "run_demo",
     "training_argv",
-    "parse_train_log",
+    "train_records",
     "summarize_run",
     "format_table",
     "interpret",
@@ -98,19 +100,6 @@ EVAL_KEYS = (
     "margin_mean", "margin_trimmed", "margin_worst", "rel_bias_mean", "rel_bias_trimmed",
     "gap_l2m", "linear_separability", "xi", "sigmoid_loss", "clip_val_loss",
 )
-
-_NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?inf|nan"
-_TRAIN_RE = re.compile(r"Train Epoch: (?P<epoch>\d+) \[\s*(?P<done>\d+)/(?P<total>\d+) \((?P<pct>\d+)%\)\]")
-_FIELD_RES = {
-    "lr": re.compile(rf"\bLR: (?P<v>{_NUM})"),
-    "logit_scale": re.compile(rf"\bLogit Scale: (?P<v>{_NUM})"),
-    "rel_bias": re.compile(rf"\bRel Bias: (?P<v>{_NUM})"),
-    "logit_bias": re.compile(rf"\bLogit Bias: (?P<v>{_NUM})"),
-}
-# open_clip writes "Loss: <this batch> (<mean of the logged batches of this epoch>)" for the total.
-_LOSS_RE = re.compile(rf"(?<![\w])Loss: (?P<v>{_NUM}) \((?P<avg>{_NUM})\)")
-_EVAL_RE = re.compile(r"Eval Epoch: (?P<epoch>\d+) .*image_to_text_R@1: (?P<i2t>[\d.]+).*text_to_image_R@1: (?P<t2i>[\d.]+)")
-
 
 # ------------------------------------------------------------------------------------------ CLI
 
@@ -240,14 +229,15 @@ def _train_one(name: str, argv: list[str], runs_dir: Path, progress) -> float:
     cmd = [sys.executable, "-m", "open_clip_sigrel.train", *argv]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     start = time.perf_counter()
+    watcher = _Progress(name, run_dir, start, progress) if progress is not None else None
     with open(console, "w", buffering=1) as log, subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1,
     ) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
             log.write(line)
-            if progress is not None:
-                _report_progress(name, line, start, progress)
+            if watcher is not None:
+                watcher.poll()
         rc = proc.wait()
     wall = time.perf_counter() - start
     if rc != 0:
@@ -256,19 +246,26 @@ def _train_one(name: str, argv: list[str], runs_dir: Path, progress) -> float:
     return wall
 
 
-def _report_progress(name: str, line: str, start: float, progress) -> None:
-    m = _TRAIN_RE.search(line)
-    if m and m["done"] == m["total"]:
-        rec = _parse_train_line(line) or {}
-        loss = rec.get("train_loss_epoch_mean")
-        progress(f"[demo {name}] epoch {int(m['epoch']) + 1}: train loss {_fmt(loss)}, "
-                 f"t {_fmt(rec.get('logit_scale'))}, b_rel {_fmt(rec.get('rel_bias'))} "
-                 f"({time.perf_counter() - start:.0f} s)")
-        return
-    m = _EVAL_RE.search(line)
-    if m:
-        progress(f"[demo {name}] val after epoch {m['epoch']}: R@1 image->text {float(m['i2t']):.3f}, "
-                 f"text->image {float(m['t2i']):.3f}")
+class _Progress:
+    """Reports epoch ends and evaluations as they land in the run's structured logs."""
+
+    def __init__(self, name: str, run_dir: Path, start: float, progress):
+        self.name, self.run_dir, self.start, self.progress = name, run_dir, start, progress
+        self.epochs_seen, self.evals_seen = 0, 0
+
+    def poll(self) -> None:
+        steps = train_records(self.run_dir) if (self.run_dir / TELEMETRY_FILE).is_file() else []
+        ends = [r for r in steps if r["epoch_progress"] == r["epoch"] + 1]
+        for rec in ends[self.epochs_seen:]:
+            self.progress(f"[demo {self.name}] epoch {rec['epoch'] + 1}: train loss {_fmt(rec['train_loss_epoch_mean'])}, "
+                          f"t {_fmt(rec.get('logit_scale'))}, b_rel {_fmt(rec.get('rel_bias'))} "
+                          f"({time.perf_counter() - self.start:.0f} s)")
+        self.epochs_seen = len(ends)
+        evals = _read_jsonl(self.run_dir / "checkpoints" / "results.jsonl")
+        for row in evals[self.evals_seen:]:
+            self.progress(f"[demo {self.name}] val after epoch {row.get('epoch')}: R@1 image->text "
+                          f"{_fmt(row.get('image_to_text_R@1'), 3)}, text->image {_fmt(row.get('text_to_image_R@1'), 3)}")
+        self.evals_seen = len(evals)
 
 
 def run_demo(*, output: str | os.PathLike = "sigrel_demo", data_dir: str | os.PathLike | None = None,
@@ -335,47 +332,31 @@ def run_demo(*, output: str | os.PathLike = "sigrel_demo", data_dir: str | os.Pa
 # ----------------------------------------------------------------------------------- reading logs
 
 
-def _float(text: str) -> float:
-    return float(text)
+def train_records(run_dir: str | os.PathLike) -> list[dict]:
+    """The run's structured training telemetry (sigrel_train.jsonl), one dict per logged step.
 
-
-def _parse_train_line(line: str) -> dict | None:
-    """One 'Train Epoch' line as numbers (None if the line is not one)."""
-    m = _TRAIN_RE.search(line)
-    if not m:
-        return None
-    done, total = int(m["done"]), int(m["total"])
-    rec: dict[str, Any] = {
-        "epoch": int(m["epoch"]),
-        "samples": done,
-        "samples_per_epoch": total,
-        "epoch_progress": int(m["epoch"]) + (done / total if total else 0.0),
-    }
-    for key, pattern in _FIELD_RES.items():
-        f = pattern.search(line)
-        if f:
-            rec[key] = _float(f["v"])
-    loss = _LOSS_RE.search(line)
-    if loss:
-        rec["train_loss"] = _float(loss["v"])
-        rec["train_loss_epoch_mean"] = _float(loss["avg"])
-    if "rel_bias" not in rec and "logit_scale" in rec and "logit_bias" in rec and rec["logit_scale"] > 0:
-        rec["rel_bias"] = -rec["logit_bias"] / rec["logit_scale"]
-    return rec
-
-
-def parse_train_log(text: str) -> list[dict]:
-    """Every open_clip 'Train Epoch' line of a log, in order, as dicts of numbers.
-
-    Keys: epoch, samples, samples_per_epoch, epoch_progress (epoch + fraction done), lr, logit_scale
-    (t, 3 decimals as open_clip prints it), train_loss (this batch), train_loss_epoch_mean (mean of
-    the logged batches of the epoch so far) and, with the plugin's entry, rel_bias and logit_bias.
+    Keys: epoch, step, epoch_progress (epoch + fraction of its steps done), lr, logit_scale (t),
+    rel_bias, logit_bias, train_loss (this step) and train_loss_epoch_mean (mean of the epoch's
+    logged steps so far).
     """
-    out = []
-    for line in text.splitlines():
-        rec = _parse_train_line(line)
-        if rec is not None:
-            out.append(rec)
+    rows = read_telemetry(run_dir)
+    per_epoch: dict[int, int] = {}
+    for r in rows:
+        per_epoch[r["epoch"]] = max(per_epoch.get(r["epoch"], 0), r["step"] + 1)
+    first = {e: min(r["step"] for r in rows if r["epoch"] == e) for e in per_epoch}
+    steps_per_epoch = max((per_epoch[e] - first[e] for e in per_epoch), default=1)
+    out, sums = [], {}
+    for r in rows:
+        e = r["epoch"]
+        total, count = sums.get(e, (0.0, 0))
+        sums[e] = (total + r["loss"], count + 1)
+        done = r["step"] - steps_per_epoch * e + 1
+        out.append({
+            "epoch": e, "step": r["step"], "epoch_progress": e + done / steps_per_epoch,
+            "lr": r.get("lr"), "logit_scale": r.get("logit_scale"), "rel_bias": r.get("rel_bias"),
+            "logit_bias": r.get("logit_bias"), "train_loss": r["loss"],
+            "train_loss_epoch_mean": sums[e][0] / sums[e][1],
+        })
     return out
 
 
@@ -410,18 +391,18 @@ def summarize_run(run_dir: str | os.PathLike) -> dict:
     epoch train values and that epoch's evaluation. Raises DemoRunError when the run left no log.
     """
     run_dir = Path(run_dir)
-    log_path = run_dir / "out.log"
+    log_path = run_dir / TELEMETRY_FILE
     if not log_path.is_file():
-        raise DemoRunError(f"no training log at {log_path}")
-    train = parse_train_log(log_path.read_text(errors="replace"))
+        raise DemoRunError(f"no training telemetry at {log_path}")
+    train = train_records(run_dir)
     if not train:
-        raise DemoRunError(f"{log_path} has no 'Train Epoch' line")
+        raise DemoRunError(f"{log_path} has no training step")
     results = _read_jsonl(run_dir / "checkpoints" / "results.jsonl")
     last_train, last_eval = train[-1], (results[-1] if results else {})
 
     row: dict[str, Any] = {
         "run_dir": str(run_dir),
-        "epochs_trained": last_train["epoch"] + (1 if last_train["samples"] >= last_train["samples_per_epoch"] else 0),
+        "epochs_trained": math.floor(last_train["epoch_progress"] + 1e-9),
         "train_loss": last_train.get("train_loss_epoch_mean"),
         "train_loss_last_batch": last_train.get("train_loss"),
     }
@@ -587,10 +568,9 @@ def plot_comparison(runs_dir: str | os.PathLike, path: str | os.PathLike) -> Pat
     axes = [fig.add_subplot(2, 2, k) for k in range(1, 5)]
     colours = {"siglip": "tab:blue", "sigrel": "tab:red"}
     for name, _, title in RUNS:
-        log = runs_dir / name / "out.log"
-        if not log.is_file():
+        if not (runs_dir / name / TELEMETRY_FILE).is_file():
             continue
-        steps = parse_train_log(log.read_text(errors="replace"))
+        steps = train_records(runs_dir / name)
         c = colours[name]
         for ax, key in zip(axes[:3], ("train_loss", "logit_scale", "rel_bias")):
             pts = [(s["epoch_progress"], s[key]) for s in steps if _finite(s.get(key)) is not None]

@@ -136,8 +136,9 @@ class _SoftplusPairSum(torch.autograd.Function):
 class _Ring:
     """Where this rank sits and how text blocks travel (open_clip's bidir or shift pattern)."""
 
-    def __init__(self, rank: int, world_size: int, dist_impl: str):
+    def __init__(self, rank: int, world_size: int, dist_impl: str, owner: SigRelLoss | None = None):
         self.rank, self.world, self.impl = rank, world_size, dist_impl
+        self.owner = owner  # keeps the deferred upstream-gradient check (SigRelLoss.check_upstream_gradients)
 
     def peer(self, offset: int) -> int:
         return (self.rank + offset) % self.world
@@ -219,7 +220,9 @@ class _RingPairSum(torch.autograd.Function):
     peer block's gradients until backward. The gradient sent ahead assumes every rank back-propagates
     its loss with the same upstream gradient (as DDP training does); backward checks that with one
     all_reduce of two numbers and otherwise recomputes the text gradients, each rank's part scaled
-    by its own upstream gradient. Every rank must call backward, as with open_clip's exchanges.
+    by its own upstream gradient. On an accelerator the check is deferred by default (no host read
+    per backward): a mismatch is counted on the device and ``SigRelLoss.check_upstream_gradients``
+    raises. Every rank must call backward, as with open_clip's exchanges.
     """
 
     @staticmethod
@@ -253,7 +256,14 @@ class _RingPairSum(torch.autograd.Function):
             g = grad.detach().reshape(()).to(torch.float64)
             extremes = torch.stack([g, -g])
             dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
-            if bool(extremes[0] == -extremes[1]):
+            equal = extremes[0] == -extremes[1]
+            owner = ctx.ring.owner
+            if owner is not None and owner.defers_upstream_check(x.device):
+                # No host read here (a device sync per micro-step on a GPU): assume the DDP case and let
+                # check_upstream_gradients() fail loudly if any rank's upstream gradient differed.
+                owner.note_upstream(equal)
+                gy = gy * grad
+            elif bool(equal):
                 gy = gy * grad
             else:  # ranks scale their losses differently: recompute, each part with its sender's factor
                 with torch.autocast(device_type=x.device.type, enabled=False):
@@ -492,6 +502,7 @@ class SigRelLoss(nn.Module):
         dist_impl: str | None = None,
         normalize: str = "batch",
         chunk_size: int | None = None,
+        upstream_check: str = "auto",
     ):
         super().__init__()
         dist_impl = dist_impl or "bidir"
@@ -500,8 +511,38 @@ class SigRelLoss(nn.Module):
         _normalizer(normalize, 1, 1)
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if upstream_check not in ("auto", "eager", "deferred"):
+            raise ValueError(f"upstream_check must be auto, eager or deferred, got {upstream_check!r}")
         self.rank, self.world_size, self.dist_impl = rank, world_size, dist_impl
         self.normalize, self.chunk_size = normalize, chunk_size
+        self.upstream_check = upstream_check
+        self._upstream_mismatches: torch.Tensor | None = None
+
+    def defers_upstream_check(self, device: torch.device) -> bool:
+        """auto: eager (exact fallback) on CPU, where reading a flag costs nothing; deferred elsewhere."""
+        if self.upstream_check == "auto":
+            return device.type != "cpu"
+        return self.upstream_check == "deferred"
+
+    def note_upstream(self, equal: torch.Tensor) -> None:
+        bad = (~equal).to(torch.int64)
+        self._upstream_mismatches = bad if self._upstream_mismatches is None else self._upstream_mismatches + bad
+
+    def check_upstream_gradients(self) -> None:
+        """Raises if, with the deferred check, ranks back-propagated different upstream gradients.
+
+        bidir / shift send each peer's text gradient ahead during forward, which is exact only when
+        every rank scales its loss alike (DDP). Deferred (GPU default), backward records a mismatch on
+        the device; the training entry calls this on its check steps (one host read there).
+        """
+        count = self._upstream_mismatches
+        if count is not None and int(count) > 0:
+            raise RuntimeError(
+                f"SigRelLoss(dist_impl={self.dist_impl!r}): in {int(count)} backward pass(es) the ranks "
+                "back-propagated the loss with different upstream gradients, so the text gradients sent ahead "
+                "were not exact. Scale every rank's loss alike, or use SigRelLoss(upstream_check='eager') or "
+                "dist_impl 'reduce' / 'gather'."
+            )
 
     def _peer_texts(self, text_features: torch.Tensor) -> Iterator[torch.Tensor | None]:
         """reduce / gather: other ranks' text blocks with autograd (None where it is this rank's own).
@@ -534,7 +575,7 @@ class SigRelLoss(nn.Module):
         n_cols = text_features.shape[0]
         if self.world_size > 1 and self.dist_impl in ("bidir", "shift"):
             total = _ring_sigrel_sum(image_features, text_features, logit_scale, rel_bias, self.chunk_size,
-                                     _Ring(self.rank, self.world_size, self.dist_impl))
+                                     _Ring(self.rank, self.world_size, self.dist_impl, owner=self))
             n_cols *= self.world_size
         else:
             total = sigrel_loss(image_features, text_features, logit_scale, rel_bias, **kw)

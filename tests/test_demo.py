@@ -89,27 +89,21 @@ def test_report_only_without_runs_and_bad_flags_exit_2(tmp_path):
     assert not (tmp_path / "x").exists()  # nothing trained, nothing written
 
 
-LINES = """\
-2026-11-29,13:25:51 | INFO | Train Epoch: 0 [  64/2048 (3%)] Data (t): 0.143 Batch (t): 2.891, 22.1403/s, \
-22.1403/s/gpu LR: 0.000200 Logit Scale: 10.000 Contrastive_loss: 9.5234 (9.5234) Loss: 9.5234 (9.5234) \
-Rel Bias: 1.0000 Logit Bias: -10.0000
-2026-11-29,13:27:05 | INFO | Eval Epoch: 1 [64 / 512]	Clip Loss: 4.158775
-2026-11-29,13:27:05 | INFO | Train Epoch: 1 [2048/2048 (100%)] Data (t): 0.011 Batch (t): 2.399, 54.1916/s, \
-54.1916/s/gpu LR: 0.000003 Logit Scale: 12.500 Contrastive_loss: 5.1562e-05 (7.3398e-05) \
-Loss: 5.1562e-05 (7.3398e-05)
-"""
+def test_train_records_read_the_runs_telemetry(tmp_path):
+    """Written by the training entry's own writer (hosts.common.Telemetry), read back as curves."""
+    import argparse
 
+    from open_clip_sigrel.hosts.common import Telemetry
 
-def test_parse_train_log():
-    recs = demo.parse_train_log(LINES)
-    assert len(recs) == 2
-    a, b = recs
-    assert (a["epoch"], a["samples"], a["samples_per_epoch"]) == (0, 64, 2048)
-    assert a["epoch_progress"] == pytest.approx(64 / 2048)
-    assert (a["logit_scale"], a["rel_bias"], a["logit_bias"], a["train_loss"]) == (10.0, 1.0, -10.0, 9.5234)
-    assert b["epoch_progress"] == 2.0 and b["logit_scale"] == 12.5
-    assert (b["train_loss"], b["train_loss_epoch_mean"]) == (5.1562e-05, 7.3398e-05)  # not Contrastive_loss
-    assert "rel_bias" not in b  # stock open_clip line without the plugin's suffix
+    (tmp_path / "run").mkdir()
+    writer = Telemetry(argparse.Namespace(logs=str(tmp_path), name="run", rank=0))
+    for step, loss in enumerate([9.0, 7.0, 5.0, 4.0]):  # 2 epochs of 2 steps
+        writer.write({"step": step, "epoch": step // 2, "loss": loss, "logit_scale": 10.0 + step,
+                      "rel_bias": 1.0 - 0.1 * step, "logit_bias": -(10.0 + step) * (1.0 - 0.1 * step), "lr": 1e-3})
+    recs = demo.train_records(tmp_path / "run")
+    assert [r["epoch_progress"] for r in recs] == [0.5, 1.0, 1.5, 2.0]
+    assert [r["train_loss_epoch_mean"] for r in recs] == [9.0, 8.0, 5.0, 4.5]
+    assert recs[-1]["logit_scale"] == 13.0 and recs[-1]["rel_bias"] == pytest.approx(0.7)
 
 
 def _row(**kw):

@@ -71,6 +71,14 @@ def _rank_worker(rank: int, out_dir: str) -> None:
                     "weighted": _run(sigrel("sum"), *_leaves(x, y, rank), weight=rank + 1.0),
                     "siglip": _run(SigLipLoss(rank=rank, world_size=world, dist_impl=impl), *_leaves(x, y, rank)),
                 }
+                for name, weight in (("deferred_equal", 1.0), ("deferred_weighted", rank + 1.0)):
+                    loss = SigRelLoss(rank, world, impl, normalize="sum", chunk_size=CHUNK, upstream_check="deferred")
+                    results[impl][name] = _run(loss, *_leaves(x, y, rank), weight=weight)
+                    try:
+                        loss.check_upstream_gradients()
+                        results[impl][name]["error"] = None
+                    except RuntimeError as e:
+                        results[impl][name]["error"] = str(e)
             torch.save(results, Path(out_dir) / f"w{world}_r{rank}.pt")
             dist.barrier()
         finally:
@@ -140,6 +148,20 @@ def test_ranks_with_different_upstream_gradients(rank_results, world, impl):
     torch.testing.assert_close(torch.cat([r["y"] for r in ranks]), ref["y"], **close)
     torch.testing.assert_close(sum(r["log_t"] for r in ranks), ref["log_t"], **close)
     torch.testing.assert_close(sum(r["b"] for r in ranks), ref["b"], **close)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("world", WORLDS)
+def test_deferred_upstream_check_is_exact_for_ddp_and_loud_otherwise(rank_results, world, impl):
+    """The GPU default: no host read in backward; equal upstream gradients stay exact, unequal ones raise."""
+    equal = [r[impl]["deferred_equal"] for r in rank_results[world]]
+    assert all(r["error"] is None for r in equal)
+    _assert_matches_reference(equal, _reference(world))
+    errors = [r[impl]["deferred_weighted"]["error"] for r in rank_results[world]]
+    if impl in ("bidir", "shift"):  # the ring sends text gradients ahead; every rank sees the mismatch
+        assert all(e and "different upstream gradients" in e for e in errors), errors
+    else:  # reduce / gather: open_clip's autograd collectives are exact for any upstream gradient
+        assert errors == [None] * world
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -203,6 +203,8 @@ def test_siglip_run_gets_geometry_too(digits_data, tmp_path):
     row = json.loads((tmp_path / "siglip" / "checkpoints" / "results.jsonl").read_text().splitlines()[-1])
     assert "margin_mean" in row and row["rel_bias_model"] == pytest.approx(
         -row["logit_bias"] / row["logit_scale"], rel=1e-6)
+    first = common.read_telemetry(tmp_path / "siglip")[0]  # a stock SigLIP run has the same telemetry
+    assert first["rel_bias"] == pytest.approx(1.0) and first["logit_bias"] == pytest.approx(-10.0)
 
 
 def test_torchrun_two_cpu_processes(digits_data, tmp_path, python):
@@ -327,7 +329,7 @@ def test_no_loss_flag_is_plain_open_clip():
 
         model = open_clip.create_model("sigrel-tiny")
         task = open_clip4.create_task(common.SigrelRun(args), open_clip.create_task, args, model)
-        assert type(task).__name__ == "CLIPTask" and type(task.loss).__name__ == "ClipLoss"
+        assert type(task).__name__ == "CLIPTask" and type(task.loss.loss).__name__ == "ClipLoss"
     else:
         loss = open_clip3.create_loss(common.SigrelRun(args), open_clip.create_loss, args)
         assert type(loss.loss).__name__ == "ClipLoss"

@@ -302,6 +302,9 @@ class LossMonitor(nn.Module):
         log_step = self._is_log_step(i, run.steps_per_epoch, run.args)
         if log_step or i % CHECK_EVERY == 0:
             self.guard.check(run.epoch, run.steps_per_epoch)
+            check_upstream = getattr(self.loss, "check_upstream_gradients", None)
+            if check_upstream is not None:  # SigRelLoss's deferred ring check (accelerators)
+                check_upstream()
         if not log_step:
             return out
         t, bias, b_rel = run.exact_bias(t, bias, b_rel)

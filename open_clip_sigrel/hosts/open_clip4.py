@@ -5,7 +5,8 @@ task's module (DDP or FSDP2) and builds the optimizer from it. The plugin provid
 
   create_task                  --loss sigrel: ``SigRelTask``, a SigLIPTask whose loss is SigRelLoss
                                (inside the LossMonitor) and whose ``clamp_logit_scale`` honours
-                               --sigrel-max-logit-scale. Other losses: open_clip's own task.
+                               --sigrel-max-logit-scale. Other losses: open_clip's own task (a CLIP /
+                               SigLIP task's loss inside the LossMonitor, for the same telemetry).
   create_model_and_transforms  a sigrel model gets its trainable ``rel_bias`` before the task exists.
   train_one_epoch              the step clock learns the epoch and the optimizer (TrainState).
   train.get_clip_metrics       adds the geometry metrics to every open_clip evaluation.
@@ -58,6 +59,8 @@ def _sigrel_task_class():
 def create_task(run: SigrelRun, original, args, model, *a, **kw):
     if getattr(args, "loss", None) != "sigrel":
         task = original(args, model, *a, **kw)
+        if type(task).__name__ in ("CLIPTask", "SigLIPTask"):  # the same telemetry as a sigrel run
+            task.loss = LossMonitor(task.loss, run, is_log_step, report="losses")
         if args.sigrel_max_logit_scale is not None:  # a stock task with the user's clamp of t
             stock, max_val = task.clamp_logit_scale, math.log(args.sigrel_max_logit_scale)
             task.clamp_logit_scale = lambda *_, **__: stock(max_val)
