@@ -286,8 +286,11 @@ class LossMonitor(nn.Module):
         self._is_log_step = is_log_step
         self._report = report
         self.guard = NonFiniteGuard()
+        if getattr(run.args, "torchcompile", False):
+            # Step counting, host reads and the ring's collectives stay eager when open_clip 4.x
+            # compiles the forward that calls the loss (strategies task / step), like its fused loss.
+            self.forward = torch.compiler.disable(self.forward)
 
-    @torch.compiler.disable  # step counting and collectives stay eager under --torchcompile
     def forward(self, **kwargs):
         run = self._run[0]
         run.loss_calls += 1
