@@ -331,7 +331,10 @@ class LossMonitor(nn.Module):
             record["lr"] = float(run.optimizer.param_groups[0]["lr"])  # a tensor under --torchcompile-strategy step
         record.update(values)
         run.telemetry.write(record)
-        if self._report == "writer":
+        if self._report == "writer":  # 3.x: its console line and writers know nothing of b_rel
+            _logger.info(f"sigrel step {step}: t {t:.4f} b_rel {values['rel_bias']:.4f}"
+                         + (f" logit_bias {record['logit_bias']:.4f}" if "logit_bias" in record else "")
+                         + "".join(f" {k} {v:.4f}" for k, v in values.items() if k.startswith("batch_")))
             named = {f"train/{k}": v for k, v in values.items()}
             if "logit_bias" in record:
                 named["train/logit_bias"] = record["logit_bias"]
