@@ -2,10 +2,19 @@
 
     open-clip-sigrel bench loss --batch 4096,8192,16384 --dim 768 [--device cuda] [--dtype bf16] [--json]
     open-clip-sigrel bench dist --world 1,2,4 --batch 2048 --dim 768 [--impl bidir] [--json]
-    open-clip-sigrel bench train [--steps 30] [--json]
+    open-clip-sigrel bench train [--steps 30] [--device cuda] [--precision amp_bf16] [--json]
 
 Every measurement runs in a fresh process, so its peak memory is its own and not what an earlier
-measurement left in the allocator.
+measurement left in the allocator. ``--device cuda`` on a machine without a CUDA device stops with an
+error (exit status 2) before anything runs.
+
+Implementations compared by bench loss (ratios are against open_clip's SigLipLoss):
+  sigrel             open_clip_sigrel.SigRelLoss, logit_bias = -t * b_rel
+  open_clip          open_clip.loss.SigLipLoss() as released (materializes B x B logits)
+  open_clip-chunked  SigLipLoss(chunk_size=...) where the installed open_clip has that parameter (open_clip's
+                     main branch; no release up to 3.3.0), with sigrel's rows per block; otherwise skipped and
+                     the reason recorded under "skipped_impls"
+  siglip-kernel      siglip_kernel.fused_siglip_loss (Triton), on CUDA with that package installed
 
 How peak extra memory is measured:
   CUDA  torch.cuda.max_memory_allocated() minus memory_allocated() before the measured steps.
@@ -44,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 MIB = float(1 << 20)
-LOSS_IMPLS = ("sigrel", "open_clip", "siglip-kernel")
+LOSS_IMPLS = ("sigrel", "open_clip", "open_clip-chunked", "siglip-kernel")
 DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
 DTYPES = ("fp32", "bf16")
 # Every tensor above 64 KiB gets its own mmap, returned to the OS on free (see the module docstring).
@@ -79,7 +88,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--impls", type=_str_list, default=None,
                    help=f"subset of {','.join(LOSS_IMPLS)} (default: all that apply; open_clip is always run)")
     p.add_argument("--threads", type=int, default=None, help="torch threads in each process (default: torch's)")
-    p.add_argument("--chunk-size", type=int, default=None, help="sigrel rows per block (default: the loss's)")
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="rows per block of sigrel and open_clip-chunked (default: sigrel's auto_chunk_size)")
     _add_output_flags(p)
 
     p = sub.add_parser("dist", formatter_class=fmt,
@@ -102,6 +112,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                    help="runs per loss; the order alternates (siglip, sigrel, then sigrel, siglip, ...)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--model", default="sigrel-tiny")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--precision", default=None,
+                   help="open_clip_train --precision of both runs, e.g. amp_bf16 (None: open_clip's own default)")
     p.add_argument("--data-dir", default=None,
                    help="digit dataset cache (default: a folder in the system temp dir, built once)")
     p.add_argument("--logs", default=None, help="keep the runs' logs here (default: a temporary folder)")
@@ -129,7 +142,7 @@ def _str_list(text: str) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Runs the chosen benchmark; prints a table (or JSON). Returns 0, 1 if a measurement failed, 2 on bad input."""
-    for name in ("repeats", "steps", "rounds", "dim", "batch_size"):
+    for name in ("repeats", "steps", "rounds", "dim", "batch_size", "chunk_size"):
         if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
             print(f"open-clip-sigrel bench: error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
@@ -146,6 +159,8 @@ def run(args: argparse.Namespace) -> int:
         Path(args.output).write_text(text + "\n")
     if args.json:
         print(text)
+        for impl, reason in doc.get("skipped_impls", {}).items():  # the table prints these itself
+            print(f"open-clip-sigrel bench: skipped {impl}: {reason}", file=sys.stderr)
     else:
         print(format_report(doc))
     return 1 if any(row.get("error") for row in doc["rows"]) else 0
@@ -156,7 +171,8 @@ def run(args: argparse.Namespace) -> int:
 
 def bench_loss(args: argparse.Namespace) -> dict:
     """Every (batch, implementation) in fresh processes; ratios against open_clip's SigLipLoss."""
-    impls = _loss_impls(args.device, args.impls)
+    check_device(args.device)
+    impls, skipped = _loss_impls(args.device, args.impls)
     base = {"dim": args.dim, "dtype": args.dtype, "device": args.device, "threads": args.threads,
             "chunk_size": args.chunk_size}
     rows, env = [], {}
@@ -164,6 +180,9 @@ def bench_loss(args: argparse.Namespace) -> dict:
         cfg = {**base, "batch": batch}
         by_impl: dict[str, dict] = {impl: {"batch": batch, "dim": args.dim, "dtype": args.dtype, "impl": impl}
                                     for impl in impls}
+        for impl in impls:
+            if impl in ("sigrel", "open_clip-chunked"):
+                by_impl[impl]["chunk_size"] = effective_chunk_size(batch, args.chunk_size)
         times: dict[str, list[float]] = {impl: [] for impl in impls}
         if args.device == "cpu":
             for impl in impls:  # memory: one warm-up and one measured step, pinned allocator
@@ -198,25 +217,86 @@ def bench_loss(args: argparse.Namespace) -> dict:
         "benchmark": "loss",
         "columns": ["batch", "dim", "dtype", "impl", "time_ms", "peak_extra_MiB", "time_ratio", "mem_ratio"],
         "rows": rows,
+        "reference_impl": "open_clip",
+        "skipped_impls": skipped,
         "environment": {**_environment(args.device), **env,
                         "memory_method": env.get("memory_method", "cuda" if args.device == "cuda" else None),
                         "repeats": args.repeats, "warmup": args.warmup, "rounds": args.rounds},
         "notes": "time_ms: median step (forward + backward); peak_extra_MiB: peak memory over the inputs' "
-                 "(see `open-clip-sigrel bench --help` / open_clip_sigrel.bench); ratios: impl / open_clip.",
+                 "(see `open-clip-sigrel bench --help` / open_clip_sigrel.bench); time_ratio / mem_ratio: "
+                 "impl / open_clip's SigLipLoss at the same batch.",
     }
 
 
-def _loss_impls(device: str, requested: Sequence[str] | None) -> list[str]:
-    """sigrel and open_clip always; siglip-kernel (Triton) only on CUDA with the package installed."""
-    kernel_ok = device == "cuda" and importlib.util.find_spec("siglip_kernel") is not None
+def check_device(device: str) -> None:
+    """BenchArgumentError unless ``device`` can run here (``--device cuda`` needs a CUDA device)."""
+    if device != "cuda":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        built = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise BenchArgumentError(
+            f"--device cuda: no CUDA device is available (torch {torch.__version__}, {built}; "
+            f"torch.cuda.is_available() is False, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}). "
+            "Run on a machine with a GPU, or use --device cpu."
+        )
+
+
+def effective_chunk_size(batch: int, chunk_size: int | None) -> int:
+    """Rows per block that sigrel (and open_clip-chunked, given the same) uses at this batch."""
+    from open_clip_sigrel.loss import auto_chunk_size
+
+    return min(chunk_size, batch) if chunk_size else auto_chunk_size(batch, batch)
+
+
+def open_clip_chunked_support() -> str | None:
+    """None if open_clip's SigLipLoss takes ``chunk_size`` (open_clip's main branch), else why not."""
+    import inspect
+
+    try:
+        import open_clip
+        from open_clip.loss import SigLipLoss
+
+        params = inspect.signature(SigLipLoss).parameters
+    except Exception as e:  # noqa: BLE001 - the reason is reported, the impl skipped
+        return f"open_clip.loss.SigLipLoss could not be inspected: {type(e).__name__}: {e}"
+    if "chunk_size" not in params:
+        return (f"open_clip {getattr(open_clip, '__version__', '?')}: SigLipLoss has no chunk_size parameter "
+                "(it exists on open_clip's main branch, in no release up to 3.3.0)")
+    return None
+
+
+def unavailable_impls(device: str) -> dict[str, str]:
+    """Optional implementations that cannot run here, each with the reason."""
+    out = {}
+    reason = open_clip_chunked_support()
+    if reason:
+        out["open_clip-chunked"] = reason
+    if device != "cuda":
+        out["siglip-kernel"] = "needs --device cuda (Triton kernels)"
+    elif importlib.util.find_spec("siglip_kernel") is None:
+        out["siglip-kernel"] = "the siglip-kernel package is not installed (pip install siglip-kernel)"
+    return out
+
+
+def _loss_impls(device: str, requested: Sequence[str] | None) -> tuple[list[str], dict[str, str]]:
+    """(implementations to run, {optional implementation left out: why}).
+
+    sigrel and open_clip always; open_clip-chunked where open_clip's SigLipLoss has chunk_size;
+    siglip-kernel (Triton) only on CUDA with the package installed. An explicitly requested
+    implementation that cannot run is an error; a default one is skipped with its reason.
+    """
+    missing = unavailable_impls(device)
     if requested is None:
-        return ["sigrel", "open_clip"] + (["siglip-kernel"] if kernel_ok else [])
+        return [i for i in LOSS_IMPLS if i not in missing], missing
     unknown = set(requested) - set(LOSS_IMPLS)
     if unknown:
         raise BenchArgumentError(f"unknown --impls {sorted(unknown)}: choose from {', '.join(LOSS_IMPLS)}")
-    if "siglip-kernel" in requested and not kernel_ok:
-        raise BenchArgumentError("siglip-kernel needs --device cuda and the siglip-kernel package")
-    return ["open_clip"] + [i for i in LOSS_IMPLS if i in requested and i != "open_clip"]
+    for impl in requested:
+        if impl in missing:
+            raise BenchArgumentError(f"--impls {impl}: {missing[impl]}")
+    return ["open_clip"] + [i for i in LOSS_IMPLS if i in requested and i != "open_clip"], {}
 
 
 def _merge(row: dict, res: dict, memory: bool) -> None:
@@ -295,6 +375,14 @@ def _loss_step(cfg: dict, device) -> tuple[Callable[[], Any], list]:
 
         loss_fn = SigLipLoss()
         b = torch.tensor(-10.0, device=device, requires_grad=True)  # the model's trainable logit_bias
+
+        def forward():
+            return loss_fn(img, txt, logit_scale=log_t.exp(), logit_bias=b)
+    elif impl == "open_clip-chunked":
+        from open_clip.loss import SigLipLoss
+
+        loss_fn = SigLipLoss(chunk_size=effective_chunk_size(cfg["batch"], cfg.get("chunk_size")))
+        b = torch.tensor(-10.0, device=device, requires_grad=True)
 
         def forward():
             return loss_fn(img, txt, logit_scale=log_t.exp(), logit_bias=b)
@@ -547,6 +635,7 @@ def bench_train(args: argparse.Namespace) -> dict:
     """Runs open_clip training of the tiny model with --siglip and --loss sigrel, alternating, same data."""
     from open_clip_sigrel.data import ensure_digits_dataset
 
+    check_device(args.device)
     data_dir = args.data_dir or os.path.join(tempfile.gettempdir(), "open_clip_sigrel-bench-digits")
     info = ensure_digits_dataset(data_dir)
     losses = ("siglip", "sigrel")
@@ -558,7 +647,8 @@ def bench_train(args: argparse.Namespace) -> dict:
                 name = f"bench-{loss}-r{r}-{os.getpid()}"
                 cmd = [sys.executable, "-m", "open_clip_sigrel.train",
                        *(["--siglip"] if loss == "siglip" else ["--loss", "sigrel"]),
-                       *train_flags(info["train_data"], args.steps, args.batch_size, args.model, logs, name)]
+                       *train_flags(info["train_data"], args.steps, args.batch_size, args.model, logs, name,
+                                    device=args.device, precision=args.precision)]
                 t0 = time.perf_counter()
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 wall = time.perf_counter() - t0
@@ -587,19 +677,22 @@ def bench_train(args: argparse.Namespace) -> dict:
                     "time_ratio", "compute_ratio"],
         "rows": rows,
         "runs": runs,
-        "environment": {**_environment("cpu"), "model": args.model, "rounds": args.rounds,
-                        "warmup_steps": args.warmup_steps, "train_data": info["train_data"]},
+        "environment": {**_environment(args.device), "model": args.model, "rounds": args.rounds,
+                        "precision": args.precision, "warmup_steps": args.warmup_steps,
+                        "train_data": info["train_data"]},
         "notes": "batch_time_ms: median of open_clip's per-step 'Batch (t)' after the warm-up steps, pooled over "
                  "rounds; compute_time_ms: median of Batch (t) - Data (t); ratios: against siglip.",
     }
 
 
-def train_flags(train_data: str, steps: int, batch_size: int, model: str, logs: str, name: str) -> list[str]:
+def train_flags(train_data: str, steps: int, batch_size: int, model: str, logs: str, name: str,
+                device: str = "cpu", precision: str | None = None) -> list[str]:
     """open_clip_train flags shared by both runs: same data, seed, steps; one log line per step."""
     return ["--model", model, "--train-data", train_data, "--train-num-samples", str(steps * batch_size),
             "--dataset-type", "webdataset", "--batch-size", str(batch_size), "--workers", "1", "--epochs", "1",
-            "--lr", "1e-3", "--warmup", "5", "--device", "cpu", "--logs", str(logs), "--name", name,
-            "--log-every-n-steps", "1", "--seed", "0", "--save-frequency", "0"]
+            "--lr", "1e-3", "--warmup", "5", "--device", device, "--logs", str(logs), "--name", name,
+            "--log-every-n-steps", "1", "--seed", "0", "--save-frequency", "0",
+            *(["--precision", precision] if precision else [])]
 
 
 def parse_batch_times(log_text: str) -> list[tuple[float, float]]:
@@ -707,6 +800,8 @@ def format_report(doc: dict) -> str:
     lines.append("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
     if doc.get("notes"):
         lines.append("notes: " + doc["notes"])
+    for impl, reason in doc.get("skipped_impls", {}).items():
+        lines.append(f"skipped {impl}: {reason}")
     for row in doc["rows"]:
         if row.get("error"):
             lines.append(f"error ({', '.join(str(row.get(c)) for c in cols[:4])}): {row['error']}")

@@ -5,16 +5,21 @@ minutes on CPU, so its log parsing and aggregation are tested on captured log li
 """
 from __future__ import annotations
 
+import inspect
 import json
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+from open_clip.loss import SigLipLoss
 
 from open_clip_sigrel import bench
 from open_clip_sigrel.cli import main
 
+# open_clip's main branch (not 3.3.0) has SigLipLoss(chunk_size=...); bench loss then compares it too.
+OC_CHUNKED = "chunk_size" in inspect.signature(SigLipLoss).parameters
+LOSS_IMPLS = ["sigrel", "open_clip"] + (["open_clip-chunked"] if OC_CHUNKED else [])
 LOSS_COLUMNS = ["batch", "dim", "dtype", "impl", "time_ms", "peak_extra_MiB", "time_ratio", "mem_ratio"]
 DIST_COLUMNS = ["world", "batch", "dim", "impl", "dist_impl", "time_ms", "peak_extra_MiB", "mem_vs_first",
                 "time_vs_first", "mem_ratio"]
@@ -45,11 +50,18 @@ def test_bench_loss_tiny(tmp_path, capsys):
     out = tmp_path / "loss.json"
     assert main(["bench", "loss", "--batch", "64,128", "--dim", "16", "--repeats", "2", "--json",
                  "--output", str(out)]) == 0
-    doc = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)
     assert doc == json.loads(out.read_text())
     assert doc["columns"] == LOSS_COLUMNS
-    assert [(r["batch"], r["impl"]) for r in doc["rows"]] == [
-        (64, "sigrel"), (64, "open_clip"), (128, "sigrel"), (128, "open_clip")]
+    assert [(r["batch"], r["impl"]) for r in doc["rows"]] == [(b, i) for b in (64, 128) for i in LOSS_IMPLS]
+    assert doc["reference_impl"] == "open_clip"
+    if OC_CHUNKED:
+        assert "open_clip-chunked" not in doc["skipped_impls"]
+    else:  # skipped, and why
+        assert "chunk_size" in doc["skipped_impls"]["open_clip-chunked"]
+        assert "skipped open_clip-chunked:" in captured.err  # --json: the reason goes to stderr
+    assert "cuda" in doc["skipped_impls"]["siglip-kernel"]
     refs = {r["batch"]: r for r in doc["rows"] if r["impl"] == "open_clip"}
     for row in doc["rows"]:
         assert not row.get("error"), row.get("error")
@@ -59,18 +71,21 @@ def test_bench_loss_tiny(tmp_path, capsys):
         assert row["time_ms"] > 0 and row["peak_extra_MiB"] >= 0
         if row["impl"] == "open_clip":
             assert row["time_ratio"] == 1.0 and row["mem_ratio"] in (1.0, None)
-    # identical inputs: both implementations compute the same loss
+    # identical inputs: every implementation computes the same loss, sigrel and open_clip-chunked per block
     for batch in (64, 128):
         losses = [r["loss"] for r in doc["rows"] if r["batch"] == batch]
-        assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+        assert losses == pytest.approx([losses[0]] * len(losses), rel=1e-5)
+        by_impl = {r["impl"]: r for r in doc["rows"] if r["batch"] == batch}
+        assert by_impl["sigrel"]["chunk_size"] == batch  # auto_chunk_size: the whole batch at this size
     env = doc["environment"]
     assert env["torch"] == torch.__version__ and env["open_clip"] and env["device"] == "cpu"
     assert env["threads"] >= 1 and env["memory_method"] in ("vmhwm", "sampler", "getrusage")
 
     table = bench.format_report(doc)
     rows = _header_and_rows(table, LOSS_COLUMNS)
-    assert len(rows) == 4 and all(len(r) == len(LOSS_COLUMNS) for r in rows)
+    assert len(rows) == 2 * len(LOSS_IMPLS) and all(len(r) == len(LOSS_COLUMNS) for r in rows)
     assert "environment:" in table
+    assert ("skipped open_clip-chunked:" in table) == (not OC_CHUNKED)
 
 
 def test_bench_dist_tiny(tmp_path, capsys):
@@ -85,16 +100,71 @@ def test_bench_dist_tiny(tmp_path, capsys):
     doc = json.loads(out.read_text())
     for row in doc["rows"]:
         assert len(row["rank_peaks_MiB"]) == row["world"] and row["time_ms"] > 0
-    assert [r["mem_vs_first"] for r in doc["rows"][:2]] == [1.0, 1.0]
+    # against itself: 1, or undefined where a tiny world-1 peak rounds to 0 (seen with open_clip main)
+    assert [r["mem_vs_first"] for r in doc["rows"][:2]] == [
+        1.0 if r["peak_extra_MiB"] else None for r in doc["rows"][:2]]
 
 
 def test_bench_rejects_bad_arguments(capsys):
     assert main(["bench", "loss", "--batch", "64", "--repeats", "0"]) == 2
     assert main(["bench", "loss", "--batch", "64", "--impls", "sigrel,nope"]) == 2
     assert main(["bench", "loss", "--batch", "64", "--impls", "siglip-kernel"]) == 2  # CUDA only
+    assert main(["bench", "loss", "--batch", "64", "--chunk-size", "0"]) == 2
     assert "error" in capsys.readouterr().err
+    if not OC_CHUNKED:  # asked for by name where open_clip lacks it: an error naming the reason
+        assert main(["bench", "loss", "--batch", "64", "--impls", "open_clip-chunked"]) == 2
+        assert "no chunk_size parameter" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["bench", "loss", "--batch", "0,64"])
+
+
+@pytest.mark.parametrize("which", ["loss", "train"])
+def test_bench_device_cuda_without_cuda_fails_before_any_work(which, monkeypatch, capsys):
+    """--device cuda on a machine without CUDA: exit 2 and a clear message; no worker, no dataset built."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as here, also on a GPU machine
+
+    def no_work(*a, **kw):
+        raise AssertionError("work started before the device check")
+
+    monkeypatch.setattr(bench, "_run_worker", no_work)
+    monkeypatch.setattr(bench.subprocess, "run", no_work)
+    monkeypatch.setattr("open_clip_sigrel.data.ensure_digits_dataset", no_work)
+    argv = ["bench", "loss", "--batch", "64"] if which == "loss" else ["bench", "train", "--steps", "3"]
+    assert main([*argv, "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda: no CUDA device is available" in err and torch.__version__ in err
+
+
+def test_open_clip_chunked_is_detected_by_signature_and_gets_sigrel_blocks(monkeypatch):
+    """Where SigLipLoss takes chunk_size (open_clip main) it is benchmarked with sigrel's rows per block.
+
+    On open_clip 3.3.0 the parameter is emulated by a subclass; the real one runs in test_bench_loss_tiny
+    when the installed open_clip has it.
+    """
+    import open_clip.loss
+
+    seen = []
+    real = open_clip.loss.SigLipLoss
+    if not OC_CHUNKED:
+        class ChunkedSigLipLoss(real):
+            def __init__(self, *args, chunk_size: int = 0, **kwargs):
+                super().__init__(*args, **kwargs)
+                seen.append(chunk_size)
+
+        monkeypatch.setattr(open_clip.loss, "SigLipLoss", ChunkedSigLipLoss)
+    assert bench.open_clip_chunked_support() is None
+    assert "open_clip-chunked" not in bench.unavailable_impls("cpu")
+    assert bench._loss_impls("cpu", None)[0] == ["sigrel", "open_clip", "open_clip-chunked"]
+    cfg = {"batch": 96, "dim": 8, "dtype": "fp32", "chunk_size": 40}
+    losses = {}
+    for impl in ("open_clip", "open_clip-chunked", "sigrel"):
+        step, _ = bench._loss_step({**cfg, "impl": impl}, torch.device("cpu"))
+        losses[impl] = float(step())
+    assert losses["open_clip-chunked"] == pytest.approx(losses["open_clip"], rel=1e-5)
+    assert losses["sigrel"] == pytest.approx(losses["open_clip"], rel=1e-5)
+    if not OC_CHUNKED:
+        assert seen == [0, 40]  # open_clip as released (the default 0: no chunking), then chunked
+    assert bench.effective_chunk_size(96, 40) == 40 and bench.effective_chunk_size(96, None) == 96
 
 
 def test_peak_rss_sees_an_allocation():
@@ -117,6 +187,10 @@ def test_train_flags_are_the_same_for_both_losses():
                      "--dataset-type webdataset", "--device cpu", "--model sigrel-tiny", "--name run"):
         assert expected in joined
     assert "--siglip" not in flags and "--loss" not in flags  # added per run
+    assert "--precision" not in flags  # open_clip's default unless asked
+    cuda = " ".join(bench.train_flags("/d", 7, 64, "sigrel-tiny", "/logs", "run", device="cuda",
+                                      precision="amp_bf16"))
+    assert "--device cuda" in cuda and "--precision amp_bf16" in cuda and "--device cpu" not in cuda
 
 
 def test_bench_train_alternates_runs_and_reports_ratio(tmp_path, monkeypatch, capsys):
