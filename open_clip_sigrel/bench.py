@@ -39,7 +39,6 @@ import importlib.util
 import json
 import math
 import os
-import re
 import shutil
 import socket
 import statistics
@@ -64,7 +63,6 @@ _RESULT_PREFIX = "BENCH-RESULT "
 class BenchArgumentError(ValueError):
     """A flag combination that cannot run (exit status 2)."""
 
-_BATCH_LINE = re.compile(r"Train Epoch: \d+ .*?Data \(t\): ([0-9.]+) Batch \(t\): ([0-9.]+)")
 
 
 # ----------------------------------------------------------------------------- parser
@@ -634,12 +632,13 @@ def _usable_cpus() -> int:
 def bench_train(args: argparse.Namespace) -> dict:
     """Runs open_clip training of the tiny model with --siglip and --loss sigrel, alternating, same data."""
     from open_clip_sigrel.data import ensure_digits_dataset
+    from open_clip_sigrel.hosts.common import TELEMETRY_FILE, read_telemetry
 
     check_device(args.device)
     data_dir = args.data_dir or os.path.join(tempfile.gettempdir(), "open_clip_sigrel-bench-digits")
     info = ensure_digits_dataset(data_dir)
     losses = ("siglip", "sigrel")
-    steps: dict[str, list[tuple[float, float]]] = {loss: [] for loss in losses}
+    steps: dict[str, list[float]] = {loss: [] for loss in losses}
     runs = []
     with _log_dir(args.logs) as logs:
         for r in range(args.rounds):
@@ -652,8 +651,8 @@ def bench_train(args: argparse.Namespace) -> dict:
                 t0 = time.perf_counter()
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 wall = time.perf_counter() - t0
-                log = Path(logs) / name / "out.log"
-                parsed = parse_batch_times(log.read_text()) if log.exists() else []
+                telemetry = Path(logs) / name / TELEMETRY_FILE
+                parsed = step_times(read_telemetry(telemetry)) if telemetry.exists() else []
                 run_info = {"loss": loss, "round": r, "returncode": proc.returncode, "wall_s": wall,
                             "steps_logged": len(parsed)}
                 if proc.returncode != 0 or not parsed:
@@ -665,23 +664,22 @@ def bench_train(args: argparse.Namespace) -> dict:
         vals = steps[loss]
         errors = [r["error"] for r in runs if r["loss"] == loss and r.get("error")]
         row = {"loss": loss, "steps": args.steps, "batch_size": args.batch_size, "measured_steps": len(vals),
-               "batch_time_ms": statistics.median(b for _, b in vals) * 1e3 if vals else None,
-               "compute_time_ms": statistics.median(b - d for d, b in vals) * 1e3 if vals else None}
+               "step_time_ms": statistics.median(vals) * 1e3 if vals else None}
         if errors or not vals:
             row["error"] = errors[0] if errors else "no measured steps (raise --steps above --warmup-steps)"
         rows.append(row)
-    _add_ratios(rows, rows[0], {"time_ratio": "batch_time_ms", "compute_ratio": "compute_time_ms"})
+    _add_ratios(rows, rows[0], {"time_ratio": "step_time_ms"})
     return {
         "benchmark": "train",
-        "columns": ["loss", "steps", "batch_size", "measured_steps", "batch_time_ms", "compute_time_ms",
-                    "time_ratio", "compute_ratio"],
+        "columns": ["loss", "steps", "batch_size", "measured_steps", "step_time_ms", "time_ratio"],
         "rows": rows,
         "runs": runs,
         "environment": {**_environment(args.device), "model": args.model, "rounds": args.rounds,
                         "precision": args.precision, "warmup_steps": args.warmup_steps,
                         "train_data": info["train_data"]},
-        "notes": "batch_time_ms: median of open_clip's per-step 'Batch (t)' after the warm-up steps, pooled over "
-                 "rounds; compute_time_ms: median of Batch (t) - Data (t); ratios: against siglip.",
+        "notes": "step_time_ms: median wall time between consecutive steps of the run's sigrel_train.jsonl "
+                 "(one record per step, data loading included) after the warm-up steps, pooled over rounds; "
+                 "ratio: against siglip.",
     }
 
 
@@ -695,12 +693,9 @@ def train_flags(train_data: str, steps: int, batch_size: int, model: str, logs: 
             *(["--precision", precision] if precision else [])]
 
 
-def parse_batch_times(log_text: str) -> list[tuple[float, float]]:
-    """(Data (t), Batch (t)) in seconds of every 'Train Epoch' line of an open_clip out.log.
-
-    With --log-every-n-steps 1 open_clip resets its meters after each line, so each is one step.
-    """
-    return [(float(m.group(1)), float(m.group(2))) for m in _BATCH_LINE.finditer(log_text)]
+def step_times(records: list[dict]) -> list[float]:
+    """Seconds from each step's record to the next one's (--log-every-n-steps 1: one record a step)."""
+    return [b["time"] - a["time"] for a, b in zip(records, records[1:]) if b["step"] == a["step"] + 1]
 
 
 @contextlib.contextmanager
@@ -810,7 +805,7 @@ def format_report(doc: dict) -> str:
 
 def _fmt(value: Any, col: str, row: dict) -> str:
     if value is None:
-        return "failed" if row.get("error") and col in ("time_ms", "peak_extra_MiB", "batch_time_ms") else "-"
+        return "failed" if row.get("error") and col in ("time_ms", "peak_extra_MiB", "step_time_ms") else "-"
     if isinstance(value, float):
         if "ratio" in col or "_vs_" in col:
             return f"{value:.3f}"

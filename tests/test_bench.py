@@ -24,17 +24,6 @@ LOSS_COLUMNS = ["batch", "dim", "dtype", "impl", "time_ms", "peak_extra_MiB", "t
 DIST_COLUMNS = ["world", "batch", "dim", "impl", "dist_impl", "time_ms", "peak_extra_MiB", "mem_vs_first",
                 "time_vs_first", "mem_ratio"]
 
-# Two steps as open_clip_train 3.3.0 writes them to out.log (with the plugin's Rel Bias suffix).
-LOG = """\
-2026-11-29,13:27:18 | INFO | Start epoch 0
-2026-11-29,13:27:18 | INFO | Train Epoch: 0 [ 64/640 (10%)] Data (t): 0.580 Batch (t): 4.716, 13.5717/s, \
-13.5717/s/gpu LR: 0.000200 Logit Scale: 10.000 Contrastive_loss: 9.4290 (9.4290) Loss: 9.4290 (9.4290) \
-Rel Bias: 1.0000 Logit Bias: -10.0000
-2026-11-29,13:27:23 | INFO | Train Epoch: 0 [128/640 (20%)] Data (t): 0.017 Batch (t): 0.251, 255.0/s, \
-255.0/s/gpu LR: 0.000400 Logit Scale: 10.000 Contrastive_loss: 9.3961 (9.4126) Loss: 9.3961 (9.4126)
-"""
-
-
 def _header_and_rows(text: str, columns: list[str]) -> list[list[str]]:
     lines = text.splitlines()
     assert lines[0].split() == columns, lines[0]
@@ -175,9 +164,11 @@ def test_peak_rss_sees_an_allocation():
     assert meter.peak_extra >= 48 << 20
 
 
-def test_parse_batch_times_reads_each_train_line():
-    assert bench.parse_batch_times(LOG) == [(0.580, 4.716), (0.017, 0.251)]
-    assert bench.parse_batch_times("no training here\n") == []
+def test_step_times_between_consecutive_steps():
+    records = [{"step": 0, "time": 10.0}, {"step": 1, "time": 10.5}, {"step": 2, "time": 10.75},
+               {"step": 8, "time": 20.0}]  # a gap (e.g. an evaluation in between) is not a step
+    assert bench.step_times(records) == [0.5, 0.25]
+    assert bench.step_times([]) == []
 
 
 def test_train_flags_are_the_same_for_both_losses():
@@ -194,7 +185,12 @@ def test_train_flags_are_the_same_for_both_losses():
 
 
 def test_bench_train_alternates_runs_and_reports_ratio(tmp_path, monkeypatch, capsys):
-    """open_clip's runs replaced by a stub that writes out.log: order, warm-up, medians and ratio."""
+    """open_clip's runs replaced by a stub that writes the telemetry with the entry's own writer:
+    order, warm-up, medians and ratio."""
+    import argparse
+
+    from open_clip_sigrel.hosts.common import Telemetry
+
     calls = []
     real_run = subprocess.run
 
@@ -205,10 +201,11 @@ def test_bench_train_alternates_runs_and_reports_ratio(tmp_path, monkeypatch, ca
         calls.append(loss)
         logs, name = cmd[cmd.index("--logs") + 1], cmd[cmd.index("--name") + 1]
         (Path(logs) / name).mkdir(parents=True)
-        batch = 0.100 if loss == "siglip" else 0.102
-        lines = [f"Train Epoch: 0 [{i}/5] Data (t): 0.010 Batch (t): {9.0 if i == 0 else batch:.3f}, 1/s"
-                 for i in range(5)]
-        (Path(logs) / name / "out.log").write_text("\n".join(lines) + "\n")
+        step = 0.100 if loss == "siglip" else 0.102
+        writer, now = Telemetry(argparse.Namespace(logs=logs, name=name, rank=0)), 1000.0
+        for i in range(6):  # 5 step times; the first (9 s) is the warm-up
+            writer.write({"step": i, "epoch": 0, "time": now, "loss": 1.0})
+            now += 9.0 if i == 0 else step
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
     monkeypatch.setattr(bench.subprocess, "run", fake_run)
@@ -220,8 +217,8 @@ def test_bench_train_alternates_runs_and_reports_ratio(tmp_path, monkeypatch, ca
     siglip, sigrel = doc["rows"]
     assert (siglip["loss"], sigrel["loss"]) == ("siglip", "sigrel")
     assert siglip["measured_steps"] == sigrel["measured_steps"] == 8  # 2 runs x (5 - 1 warm-up)
-    assert siglip["batch_time_ms"] == pytest.approx(100.0) and sigrel["batch_time_ms"] == pytest.approx(102.0)
-    assert sigrel["time_ratio"] == pytest.approx(1.02) and sigrel["compute_ratio"] == pytest.approx(92 / 90)
+    assert siglip["step_time_ms"] == pytest.approx(100.0) and sigrel["step_time_ms"] == pytest.approx(102.0)
+    assert sigrel["time_ratio"] == pytest.approx(1.02)
     assert bench.format_report(doc).splitlines()[0].split() == doc["columns"]
 
 

@@ -11,10 +11,10 @@ import subprocess
 import textwrap
 from pathlib import Path
 
+import open_clip_train.main as oc_main
 import pytest
 import torch
 
-import open_clip_train.main as oc_main
 from open_clip_sigrel import train as sigrel_train
 from open_clip_sigrel.hosts import common
 
