@@ -104,7 +104,9 @@ def test_fsdp_checkpoint_loads_in_stock_open_clip_4(fsdp_run, python):
 def test_fsdp_sharded_checkpoint_resumes_t_and_rel_bias_exactly(digits_data, tmp_path, python):
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    common_flags = ["--loss", "sigrel", "--fsdp", "--precision", "fp32", "--fsdp-checkpoint", "sharded"]
+    # amp_bf16 (FSDP2's bf16 MixedPrecisionPolicy) and --accum-freq 2 (set_requires_gradient_sync) on the way
+    common_flags = ["--loss", "sigrel", "--fsdp", "--precision", "amp_bf16", "--accum-freq", "2",
+                    "--fsdp-checkpoint", "sharded"]
     _torchrun(python, _argv(digits_data, tmp_path, "sharded", *common_flags, epochs=1))
     shard_dir = tmp_path / "sharded" / "checkpoints" / "epoch_1"
     assert (shard_dir / ".metadata").exists()
@@ -116,7 +118,7 @@ def test_fsdp_sharded_checkpoint_resumes_t_and_rel_bias_exactly(digits_data, tmp
     _torchrun(python, _argv(digits_data, tmp_path, "resumed", *common_flags, "--resume", str(shard_dir),
                             "--lr", "0", epochs=2))
     resumed = common.read_telemetry(tmp_path / "resumed")
-    assert resumed[0]["step"] == digits_data["train_num_samples"] // (32 * 2)  # epoch 1 starts after epoch 0
+    assert resumed[0]["step"] == digits_data["train_num_samples"] // (32 * 2 * 2)  # epoch 1 starts after epoch 0
     assert resumed[0]["logit_scale"] == pytest.approx(t, rel=1e-6) and resumed[0]["rel_bias"] == pytest.approx(
         b, abs=1e-6)
     assert abs(b - 1.0) > 1e-4  # epoch 1 did move b_rel: the resume restored a trained value
