@@ -29,7 +29,7 @@ def check_open_clip_version(installed: str | None = None) -> str:
     parsed = _parse(installed)
     if not (MIN_VERSION <= parsed[: len(MIN_VERSION)] and parsed[:1] < MAX_VERSION_EXCLUSIVE):
         raise ImportError(
-            f"open-clip-sigrel-train supports {SUPPORTED}; found open_clip_torch {installed}. "
+            f"the training entry supports {SUPPORTED}; found open_clip_torch {installed}. "
             "Install a supported release, e.g. pip install 'open_clip_torch==3.3.0'."
         )
     return installed

@@ -13,12 +13,14 @@ from __future__ import annotations
 from types import ModuleType
 
 
-def select() -> ModuleType:
-    """The adapter module for the installed open_clip_train; ImportError naming the supported range."""
+def select(oc_main: ModuleType | None = None) -> ModuleType:
+    """The adapter module for the installed open_clip_train (or the given ``open_clip_train.main``);
+    ImportError naming the supported range."""
     from open_clip_sigrel._compat import SUPPORTED, check_open_clip_version
 
     installed = check_open_clip_version()
-    import open_clip_train.main as oc_main
+    if oc_main is None:
+        import open_clip_train.main as oc_main
 
     from open_clip_sigrel.hosts import open_clip3, open_clip4
 
