@@ -20,7 +20,7 @@ if [ -n "$OPEN_CLIP_WHEEL" ]; then
 fi
 OPEN_CLIP_VERSION="${OPEN_CLIP_VERSION:-2.30.0}"
 VENV="${VENV:-/tmp/venv-oc$(echo "$OPEN_CLIP_VERSION" | cut -d. -f1-2 | tr -d .)}"  # 2.30.0 -> venv-oc230, 4.2.0.dev0 -> venv-oc42
-TESTS="${TESTS:-tests/test_loss.py tests/test_train.py tests/test_model.py}"
+TESTS="${TESTS:-tests/test_loss.py tests/test_model.py tests/test_hosts.py tests/test_train.py}"
 # gloo's default interface may not route to this host; loopback is enough for single-host tests.
 export GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-lo}"
 start=$(date +%s)
