@@ -239,8 +239,8 @@ class NonFiniteGuard:
         total = total.detach()
         if self._state is None:
             self._state = torch.tensor([math.inf, math.nan, math.nan], device=total.device, dtype=torch.float64)
-        row = torch.stack([total.new_tensor(float(step), dtype=torch.float64),
-                           t.detach().reshape(-1)[0].double(), b_rel.detach().reshape(-1)[0].double()])
+        step_t = torch.full((), float(step), dtype=torch.float64, device=total.device)  # a fill, not a copy
+        row = torch.stack([step_t, t.detach().reshape(-1)[0].double(), b_rel.detach().reshape(-1)[0].double()])
         first = ~torch.isfinite(total).all() & torch.isinf(self._state[0])
         self._state = torch.where(first, row, self._state)
 
