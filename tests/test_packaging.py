@@ -73,7 +73,7 @@ def test_wheel_has_package_configs_and_entry_points(dists):
     assert "open-clip-sigrel = open_clip_sigrel.cli:main" in entry_points
     assert "open-clip-sigrel-train = open_clip_sigrel.train:cli" in entry_points
     assert "[open_clip.losses]\nsigrel = open_clip_sigrel.registry:sigrel" in entry_points
-    assert "Requires-Dist: open_clip_torch<4,>=2.30" in metadata
+    assert "Requires-Dist: open_clip_torch<5,>=2.30" in metadata
 
 
 def test_wheel_installs_in_fresh_venv_and_console_scripts_print_help(dists, tmp_path):
