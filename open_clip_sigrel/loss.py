@@ -502,7 +502,7 @@ class SigRelLoss(nn.Module):
         dist_impl: str | None = None,
         normalize: str = "batch",
         chunk_size: int | None = None,
-        upstream_check: str = "auto",
+        upstream_check: str = "eager",
     ):
         super().__init__()
         dist_impl = dist_impl or "bidir"
@@ -519,7 +519,9 @@ class SigRelLoss(nn.Module):
         self._upstream_mismatches: torch.Tensor | None = None
 
     def defers_upstream_check(self, device: torch.device) -> bool:
-        """auto: eager (exact fallback) on CPU, where reading a flag costs nothing; deferred elsewhere."""
+        """eager (the default): backward reads the check and recomputes exactly on a mismatch; deferred:
+        no host read in backward, check_upstream_gradients() raises; auto (the training entry): eager
+        on CPU, where the read costs nothing, deferred on accelerators."""
         if self.upstream_check == "auto":
             return device.type != "cpu"
         return self.upstream_check == "deferred"
@@ -541,7 +543,7 @@ class SigRelLoss(nn.Module):
                 f"SigRelLoss(dist_impl={self.dist_impl!r}): in {int(count)} backward pass(es) the ranks "
                 "back-propagated the loss with different upstream gradients, so the text gradients sent ahead "
                 "were not exact. Scale every rank's loss alike, or use SigRelLoss(upstream_check='eager') or "
-                "dist_impl 'reduce' / 'gather'."
+                "dist_impl 'reduce' / 'gather' (--loss-dist-impl)."
             )
 
     def _peer_texts(self, text_features: torch.Tensor) -> Iterator[torch.Tensor | None]:

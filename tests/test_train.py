@@ -375,3 +375,30 @@ def test_nan_on_one_rank_stops_both_ranks_promptly(digits_data, tmp_path, python
     assert re.search(r"at step 2 .*: t = 9\.9\d*, b_rel = (1|0\.99\d*), logit_bias = -9\.9", out), out[-4000:]
     assert not (tmp_path / "nan" / "checkpoints" / "epoch_1.pt").exists()  # stopped within the first epoch
     assert elapsed < 120, elapsed
+
+
+def test_clip_run_logs_no_relative_bias(digits_data, tmp_path):
+    """A model without logit_bias has no b_rel: no train/rel_bias, no NaN in the (strict) JSON."""
+    import open_clip
+
+    cfg = json.loads((Path(sigrel_train.__file__).parent / "model_configs" / "sigrel-tiny.json").read_text())
+    cfg["model_cfg"].pop("init_logit_bias")
+    (tmp_path / "tiny-nobias.json").write_text(json.dumps(cfg["model_cfg"]))
+    open_clip.add_model_config(tmp_path / "tiny-nobias.json")
+    argv = _argv(digits_data, tmp_path, "clip", epochs=1, val=False)
+    argv[argv.index("sigrel-tiny")] = "tiny-nobias"
+    assert sigrel_train.main(argv) == 0
+
+    def no_nan(token):
+        raise AssertionError(f"non-JSON constant {token} in the telemetry")
+
+    lines = (tmp_path / "clip" / common.TELEMETRY_FILE).read_text().splitlines()
+    records = [json.loads(line, parse_constant=no_nan) for line in lines]
+    assert len(records) == 16 and all("rel_bias" not in r and "logit_bias" not in r for r in records)
+    assert all(math.isfinite(r["batch_margin_mean"]) for r in records)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "clip" / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert "train/batch_margin_mean" in tags and "train/rel_bias" not in tags

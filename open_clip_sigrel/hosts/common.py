@@ -40,12 +40,14 @@ class SigrelRun:
         self.loss_calls = 0
         self.tb_writer = None
         self.optimizer = None
+        self._scalars = None
         self.telemetry = Telemetry(args)
 
     # -- the host's epoch loop
     def start_epoch(self, epoch: int, num_batches: int, tb_writer=None, optimizer=None) -> None:
         self.epoch, self.tb_writer, self.optimizer, self.loss_calls = epoch, tb_writer, optimizer, 0
         self.steps_per_epoch = num_batches // self.args.accum_freq
+        self._scalar_params()  # found before the first forward (FSDP2 has re-created them by now)
 
     @property
     def step_in_epoch(self) -> int:
@@ -91,22 +93,37 @@ class SigrelRun:
     # -- loss
     def sigrel_loss(self) -> SigRelLoss:
         args = self.args
+        # auto: the ring's upstream-gradient check is deferred on accelerators; LossMonitor calls
+        # check_upstream_gradients() on its check steps
         return SigRelLoss(rank=args.rank, world_size=args.world_size, dist_impl=args.loss_dist_impl,
-                          normalize=args.sigrel_normalize, chunk_size=args.sigrel_chunk_size)
+                          normalize=args.sigrel_normalize, chunk_size=args.sigrel_chunk_size, upstream_check="auto")
 
     def exact_bias(self, t: torch.Tensor, bias, b_rel: torch.Tensor):
         """(t, logit_bias, b_rel) of the step from the parameters themselves, in their own precision.
 
         Under FSDP2 mixed precision the forward sees t and b_rel rounded to bf16/fp16; the logs show the
-        trained values. Every rank calls this at the same steps (a DTensor gathers collectively).
+        trained (sharded, fp32) values. Every rank calls this at the same steps (a DTensor gathers
+        collectively). With CPU offload the shards live off the loss's device: the forward's values.
         """
-        model = self.model
-        if model is None or not has_rel_bias(model):
+        params = self._scalar_params()
+        if params is None:
+            return t, bias, b_rel
+        scale, rel = params
+        if any(p.device != t.device for p in (scale, rel)):
             return t, bias, b_rel
         with torch.no_grad():
-            t = _full(model.logit_scale).float().exp().reshape(())
-            b_rel = _full(model.rel_bias).float().reshape(()).clone()  # the host reads it after the step
+            t = _full(scale).float().exp().reshape(())
+            b_rel = _full(rel).float().reshape(()).clone()  # the host reads it after the step
         return t, -t * b_rel, b_rel
+
+    def _scalar_params(self):
+        """(logit_scale, rel_bias) as the optimizer holds them (FSDP2's sharded DTensors), found by name
+        when the first epoch starts: after a forward without resharding, FSDP2 leaves unsharded
+        low-precision copies registered in their place."""
+        if self._scalars is None and self.model is not None and has_rel_bias(self.model):
+            named = dict(self.model.named_parameters())
+            self._scalars = (named["logit_scale"], named["rel_bias"])
+        return self._scalars
 
     # -- evaluation
     def bias_values(self) -> dict[str, float]:
@@ -167,8 +184,9 @@ def batch_constellation(image_features: torch.Tensor, text_features: torch.Tenso
     x = torch.nn.functional.normalize(image_features.float(), dim=-1)
     y = torch.nn.functional.normalize(text_features.float(), dim=-1)
     n = x.shape[0]
-    if n < 2:
-        return {}
+    if n < 2:  # no negatives: the same keys (every rank reports the same set), undefined values
+        nan = x.new_full((), math.nan)
+        return {"margin_worst": nan, "rel_bias_worst": nan, "margin_mean": nan, "rel_bias_mean": nan}
     pos = (x * y).sum(-1)
     neg_max = x.new_full((), -math.inf)
     neg_sum = x.new_zeros((), dtype=torch.float64)
@@ -287,14 +305,19 @@ class LossMonitor(nn.Module):
         self._report = report
         self.guard = NonFiniteGuard()
         if getattr(run.args, "torchcompile", False):
-            # Step counting, host reads and the ring's collectives stay eager when open_clip 4.x
-            # compiles the forward that calls the loss (strategies task / step), like its fused loss.
-            self.forward = torch.compiler.disable(self.forward)
+            # When open_clip 4.x compiles the forward that calls the loss (strategies task / step), the
+            # step clock, host reads and SigRelLoss's ring collectives stay eager (as open_clip keeps its
+            # own fused loss); a stock loss stays inside the compiled graph.
+            self._after_loss = torch.compiler.disable(self._after_loss)
+            if isinstance(loss, SigRelLoss):
+                loss.forward = torch.compiler.disable(loss.forward)
 
     def forward(self, **kwargs):
+        return self._after_loss(self.loss(**kwargs), kwargs)
+
+    def _after_loss(self, out, kwargs: dict):
         run = self._run[0]
         run.loss_calls += 1
-        out = self.loss(**kwargs)
         total = sum(out.values()) if isinstance(out, dict) else out
         t, bias = kwargs["logit_scale"], kwargs.get("logit_bias")
         b_rel = -bias / t if bias is not None else torch.full_like(t, math.nan)
@@ -309,14 +332,22 @@ class LossMonitor(nn.Module):
             if check_upstream is not None:  # SigRelLoss's deferred ring check (accelerators)
                 check_upstream()
         if not log_step:
+            if not run.steps_per_epoch and bias is not None and self._report == "losses":
+                # No epoch clock (a patched stock loop): the host's metric steps are unknown, so the
+                # cheap b_rel rides along every step rather than going stale between steps.
+                out = {**out, "rel_bias": run.exact_bias(t, bias, b_rel)[2].detach()}
             return out
         t, bias, b_rel = run.exact_bias(t, bias, b_rel)
-        scalars = {"rel_bias": b_rel.detach().reshape(-1)[0]}
-        batch = batch_constellation(kwargs["image_features"].detach(), kwargs["text_features"].detach())
-        scalars.update({f"batch_{k}": v for k, v in batch.items()})
+        scalars = {"rel_bias": b_rel.detach().reshape(-1)[0]} if bias is not None else {}
+        if run.steps_per_epoch:  # with an epoch clock: the host logs them at exactly these steps
+            batch = batch_constellation(kwargs["image_features"].detach(), kwargs["text_features"].detach())
+            scalars.update({f"batch_{k}": v for k, v in batch.items()})
         if self._report == "losses" and isinstance(out, dict):
             out = {**out, **scalars}
         if getattr(run.args, "rank", 0) == 0:
+            if not run.steps_per_epoch and "batch_margin_worst" not in scalars:
+                batch = batch_constellation(kwargs["image_features"].detach(), kwargs["text_features"].detach())
+                scalars = {**scalars, **{f"batch_{k}": v for k, v in batch.items()}}
             self._record(run, step, total, t, bias, scalars)
         return out
 
@@ -332,8 +363,9 @@ class LossMonitor(nn.Module):
         record.update(values)
         run.telemetry.write(record)
         if self._report == "writer":  # 3.x: its console line and writers know nothing of b_rel
-            _logger.info(f"sigrel step {step}: t {t:.4f} b_rel {values['rel_bias']:.4f}"
-                         + (f" logit_bias {record['logit_bias']:.4f}" if "logit_bias" in record else "")
+            _logger.info(f"sigrel step {step}: t {t:.4f}"
+                         + (f" b_rel {values['rel_bias']:.4f} logit_bias {record['logit_bias']:.4f}"
+                            if "logit_bias" in record else "")
                          + "".join(f" {k} {v:.4f}" for k, v in values.items() if k.startswith("batch_")))
             named = {f"train/{k}": v for k, v in values.items()}
             if "logit_bias" in record:

@@ -65,6 +65,8 @@ def create_task(run: SigrelRun, original, args, model, *a, **kw):
             stock, max_val = task.clamp_logit_scale, math.log(args.sigrel_max_logit_scale)
             task.clamp_logit_scale = lambda *_, **__: stock(max_val)
         return task
+    if not hasattr(model, "visual"):  # e.g. a CLAP (audio-text) model: open_clip gives it a CLAPTask
+        raise ValueError(f"--loss sigrel trains image-text models; {type(model).__name__} has no image tower")
     loss = LossMonitor(run.sigrel_loss(), run, is_log_step, report="losses")
     task = _sigrel_task_class()(model, loss=loss, max_logit_scale=args.sigrel_max_logit_scale,
                                 rank=args.rank, world_size=args.world_size)
@@ -88,6 +90,8 @@ def check_args(args) -> None:
         return
     if getattr(args, "use_naflex", False):
         fail("--loss sigrel does not support NaFlex (--use-naflex) yet")
+    if "audio" in (args.dataset_type or ""):
+        fail(f"--loss sigrel trains image-text models; --dataset-type {args.dataset_type} is audio")
     if "genlip" in args.model.lower() or "genlap" in args.model.lower():
         fail(f"--loss sigrel needs a contrastive image-text model, not {args.model}")
 
