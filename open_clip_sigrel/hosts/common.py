@@ -262,7 +262,7 @@ class NonFiniteGuard:
         first = ~torch.isfinite(total).all() & torch.isinf(self._state[0])
         self._state = torch.where(first, row, self._state)
 
-    def check(self, epoch: int, steps_per_epoch: int) -> None:
+    def check(self, steps_per_epoch: int) -> None:
         if self._state is None:
             return
         state = self._state.clone()
@@ -280,9 +280,10 @@ class NonFiniteGuard:
         if math.isinf(step):
             return
         step = int(step)
+        where = (f" (epoch {step // steps_per_epoch}, batch {step % steps_per_epoch} of the epoch)"
+                 if steps_per_epoch else "")  # a patched stock loop tells no epoch
         raise FloatingPointError(
-            f"non-finite loss at step {step} (epoch {step // max(steps_per_epoch, 1)}, "
-            f"batch {step % max(steps_per_epoch, 1)} of the epoch, found at the check of epoch {epoch}): "
+            f"non-finite loss at step {step}{where}: "
             f"t = {t:.6g}, b_rel = {b:.6g}, logit_bias = {-t * b:.6g}. Lower the learning rate, use "
             "--precision amp_bf16 or fp32, or clip gradients (--grad-clip-norm)."
         )
@@ -327,7 +328,7 @@ class LossMonitor(nn.Module):
             return out
         log_step = self._is_log_step(i, run.steps_per_epoch, run.args)
         if log_step or i % CHECK_EVERY == 0:
-            self.guard.check(run.epoch, run.steps_per_epoch)
+            self.guard.check(run.steps_per_epoch)
             check_upstream = getattr(self.loss, "check_upstream_gradients", None)
             if check_upstream is not None:  # SigRelLoss's deferred ring check (accelerators)
                 check_upstream()
