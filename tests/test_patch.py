@@ -8,9 +8,7 @@ installed metadata (setup.cfg).
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import textwrap
 from importlib.metadata import entry_points, version
@@ -18,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _patching import copy_open_clip, run_patch, subprocess_env
 
 from open_clip_sigrel.hosts.common import read_telemetry
 
@@ -37,57 +36,25 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _site_packages() -> Path:
-    import open_clip
-    import open_clip_train
-
-    root = Path(open_clip.__file__).resolve().parents[1]
-    assert Path(open_clip_train.__file__).resolve().parents[1] == root
-    return root
-
-
-def _patch(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    binary = shutil.which("patch")
-    assert binary, "the `patch` program is missing (CI: apt-get install -y patch)"
-    return subprocess.run([binary, *args, "--batch", "-i", str(PATCH)], cwd=cwd, capture_output=True, text=True)
-
-
-def _copy_open_clip(dest: Path) -> Path:
-    site = _site_packages()
-    dest.mkdir(parents=True)
-    for package in ("open_clip", "open_clip_train"):
-        shutil.copytree(site / package, dest / package, ignore=shutil.ignore_patterns("__pycache__"))
-    return dest
-
-
 @pytest.fixture(scope="module")
 def patched(tmp_path_factory) -> Path:
     """A patched copy of the installed open_clip and open_clip_train."""
-    root = _copy_open_clip(tmp_path_factory.mktemp("oc") / "site")
-    result = _patch("-p1", "--forward", cwd=root)
+    root = copy_open_clip(tmp_path_factory.mktemp("oc") / "site")
+    result = run_patch(PATCH, "-p1", "--forward", cwd=root)
     assert result.returncode == 0, result.stdout + result.stderr
     return root
 
 
-def _env(pythonpath: Path | None) -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0",
-               GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
-    env.pop("PYTHONPATH", None)
-    if pythonpath is not None:
-        env["PYTHONPATH"] = str(pythonpath)
-    return env
-
-
 def test_patch_applies_cleanly_and_reverses(tmp_path):
-    root = _copy_open_clip(tmp_path / "site")
+    root = copy_open_clip(tmp_path / "site")
     originals = {f: (root / f).read_text() for f in PATCHED_FILES}
-    applied = _patch("-p1", "--forward", cwd=root)
+    applied = run_patch(PATCH, "-p1", "--forward", cwd=root)
     assert applied.returncode == 0, applied.stdout + applied.stderr
     assert re.findall(r"^patching file (\S+)", applied.stdout, re.M) == list(PATCHED_FILES)
     assert not re.search(r"offset|fuzz|reject|FAILED", applied.stdout + applied.stderr, re.I), applied.stdout
     assert all((root / f).read_text() != originals[f] for f in PATCHED_FILES)
-    assert _patch("-p1", "--forward", "--dry-run", cwd=root).returncode != 0  # already applied: refused
-    reverted = _patch("-R", "-p1", cwd=root)
+    assert run_patch(PATCH, "-p1", "--forward", "--dry-run", cwd=root).returncode != 0  # already applied: refused
+    reverted = run_patch(PATCH, "-R", "-p1", cwd=root)
     assert reverted.returncode == 0, reverted.stdout + reverted.stderr
     assert {f: (root / f).read_text() for f in PATCHED_FILES} == originals
     assert not list(root.rglob("*.orig")) and not list(root.rglob("*.rej"))
@@ -163,7 +130,7 @@ def test_patched_parse_args_loss_and_model_hooks(patched, tmp_path, python):
     script = tmp_path / "parse.py"
     script.write_text(PARSE_SCRIPT)
     result = subprocess.run([python, str(script), str(patched)], capture_output=True, text=True,
-                            env=_env(patched), timeout=300)
+                            env=subprocess_env(patched), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -219,7 +186,7 @@ def test_patched_stock_trainer_matches_plugin_entry(patched, small_csv, tmp_path
         "plugin_on_patched": (["-m", "open_clip_sigrel.train"], patched),
     }
     procs = {
-        name: subprocess.Popen([python, *module, *_train_argv(small_csv, tmp_path, name)], env=_env(path),
+        name: subprocess.Popen([python, *module, *_train_argv(small_csv, tmp_path, name)], env=subprocess_env(path),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for name, (module, path) in runs.items()
     }
@@ -254,7 +221,7 @@ def test_patched_stock_trainer_torchrun_two_cpu_processes(patched, small_csv, tm
            "-m", "open_clip_train.main", "--", *_train_argv(small_csv, tmp_path, "ddp"), "--batch-size", "8"]
     # gloo on the loopback device (_env): a host whose default interface does not route to itself hangs
     # in the first collective (and torchrun's --master_port 0 hangs in the rendezvous; --standalone does not)
-    result = subprocess.run(cmd, capture_output=True, text=True, env=_env(patched), timeout=300)
+    result = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(patched), timeout=300)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     records = read_telemetry(tmp_path / "ddp")
     assert [r["step"] for r in records] == [0, 1] and all(0 < r["loss"] < 100 for r in records)

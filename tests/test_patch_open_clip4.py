@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
 import subprocess
 import textwrap
 from importlib.metadata import entry_points, version
@@ -21,6 +19,7 @@ from pathlib import Path
 import open_clip.factory
 import pytest
 import torch
+from _patching import copy_open_clip, run_patch, site_packages, subprocess_env
 
 from open_clip_sigrel.hosts.common import read_telemetry
 
@@ -39,29 +38,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _site_packages() -> Path:
-    import open_clip
-    import open_clip_train
-
-    root = Path(open_clip.__file__).resolve().parents[1]
-    assert Path(open_clip_train.__file__).resolve().parents[1] == root
-    return root
-
-
-def _patch(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    binary = shutil.which("patch")
-    assert binary, "the `patch` program is missing (CI: apt-get install -y patch)"
-    return subprocess.run([binary, *args, "--batch", "-i", str(PATCH)], cwd=cwd, capture_output=True, text=True)
-
-
-def _copy_open_clip(dest: Path) -> Path:
-    site = _site_packages()
-    dest.mkdir(parents=True)
-    for package in ("open_clip", "open_clip_train"):
-        shutil.copytree(site / package, dest / package, ignore=shutil.ignore_patterns("__pycache__"))
-    return dest
-
-
 def _git_blob(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
@@ -69,19 +45,10 @@ def _git_blob(data: bytes) -> str:
 @pytest.fixture(scope="module")
 def patched(tmp_path_factory) -> Path:
     """A patched copy of the installed open_clip and open_clip_train."""
-    root = _copy_open_clip(tmp_path_factory.mktemp("oc4") / "site")
-    result = _patch("-p1", "--forward", cwd=root)
+    root = copy_open_clip(tmp_path_factory.mktemp("oc4") / "site")
+    result = run_patch(PATCH, "-p1", "--forward", cwd=root)
     assert result.returncode == 0, result.stdout + result.stderr
     return root
-
-
-def _env(pythonpath: Path | None) -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0",
-               GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
-    env.pop("PYTHONPATH", None)
-    if pythonpath is not None:
-        env["PYTHONPATH"] = str(pythonpath)
-    return env
 
 
 def test_installed_files_are_the_patch_base():
@@ -89,7 +56,7 @@ def test_installed_files_are_the_patch_base():
     text = PATCH.read_text()
     bases = dict(re.findall(r"^diff --git a/(\S+) b/\S+\nindex ([0-9a-f]+)\.\.", text, re.M))
     assert tuple(bases) == PATCHED_FILES
-    site = _site_packages()
+    site = site_packages()
     for path, short in bases.items():
         assert _git_blob((site / path).read_bytes()).startswith(short), (
             f"{path} of the installed open_clip_torch {version('open_clip_torch')} is not open_clip main "
@@ -97,15 +64,15 @@ def test_installed_files_are_the_patch_base():
 
 
 def test_patch_applies_cleanly_and_reverses(tmp_path):
-    root = _copy_open_clip(tmp_path / "site")
+    root = copy_open_clip(tmp_path / "site")
     originals = {f: (root / f).read_text() for f in PATCHED_FILES}
-    applied = _patch("-p1", "--forward", cwd=root)
+    applied = run_patch(PATCH, "-p1", "--forward", cwd=root)
     assert applied.returncode == 0, applied.stdout + applied.stderr
     assert re.findall(r"^patching file (\S+)", applied.stdout, re.M) == list(PATCHED_FILES)
     assert not re.search(r"offset|fuzz|reject|FAILED", applied.stdout + applied.stderr, re.I), applied.stdout
     assert all((root / f).read_text() != originals[f] for f in PATCHED_FILES)
-    assert _patch("-p1", "--forward", "--dry-run", cwd=root).returncode != 0  # already applied: refused
-    reverted = _patch("-R", "-p1", cwd=root)
+    assert run_patch(PATCH, "-p1", "--forward", "--dry-run", cwd=root).returncode != 0  # already applied: refused
+    reverted = run_patch(PATCH, "-R", "-p1", cwd=root)
     assert reverted.returncode == 0, reverted.stdout + reverted.stderr
     assert not re.search(r"offset|fuzz|reject|FAILED", reverted.stdout + reverted.stderr, re.I), reverted.stdout
     assert {f: (root / f).read_text() for f in PATCHED_FILES} == originals
@@ -203,7 +170,7 @@ def test_patched_parse_args_create_task_and_model_hooks(patched, tmp_path, pytho
     script = tmp_path / "parse.py"
     script.write_text(PARSE_SCRIPT)
     result = subprocess.run([python, str(script), str(patched)], capture_output=True, text=True,
-                            env=_env(patched), timeout=300)
+                            env=subprocess_env(patched), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -268,7 +235,7 @@ def test_patched_stock_trainer_matches_plugin_entry(patched, small_csv, tmp_path
     }
     outputs = {}
     for name, (module, path) in runs.items():  # one at a time: the 2 cores are shared
-        proc = subprocess.run([python, *module, *_train_argv(small_csv, tmp_path, name)], env=_env(path),
+        proc = subprocess.run([python, *module, *_train_argv(small_csv, tmp_path, name)], env=subprocess_env(path),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
         assert proc.returncode == 0, f"{name}:\n{proc.stdout[-3000:]}"
         outputs[name] = proc.stdout
@@ -305,7 +272,7 @@ def test_patched_stock_trainer_torchrun_two_cpu_processes(strategy, patched, sma
     for name, module in (("patched_stock", "open_clip_train.main"), ("plugin", "open_clip_sigrel.train")):
         cmd = [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", module, "--", *_train_argv(small_csv, tmp_path, name, epochs=1), *extra]
-        result = subprocess.run(cmd, capture_output=True, text=True, env=_env(patched), timeout=300)
+        result = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(patched), timeout=300)
         assert result.returncode == 0, f"{name}:\n" + (result.stdout + result.stderr)[-3000:]
     records = {name: _records(tmp_path, name) for name in ("patched_stock", "plugin")}
     assert [r["step"] for r in records["patched_stock"]] == [0, 1]
