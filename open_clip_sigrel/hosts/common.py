@@ -417,3 +417,40 @@ def swapped(obj, name: str, value) -> Iterator[None]:
         yield
     finally:
         setattr(obj, name, original)
+
+
+def run_open_clip_main(argv: list[str], parse, run_hooks, plain_swaps=(), check_args=None) -> int:
+    """open_clip_train.main.main(argv) with names swapped for one run (and restored after).
+
+    Both adapters swap ``parse_args`` (``parse(argv, stock_parse_args)`` -> args, then ``check_args``),
+    ``create_model_and_transforms``, ``train.get_clip_metrics`` and torch's DDP (no ``device_ids`` on CPU).
+    ``run_hooks``: (module, name, fn) with ``fn(run, original, *args, **kwargs)``; ``plain_swaps``:
+    (module, name, value).
+    """
+    import open_clip_train.main as oc_main
+    import open_clip_train.train as oc_train
+
+    holder: dict = {}
+    stock_parse_args = oc_main.parse_args
+
+    def parse_args(a):
+        args = parse(a, stock_parse_args)
+        if check_args is not None:
+            check_args(args)
+        holder["run"] = SigrelRun(args)
+        return args
+
+    def hook(fn, original):
+        return lambda *a, **kw: fn(holder["run"], original, *a, **kw)
+
+    run_hooks = [(oc_main, "create_model_and_transforms", SigrelRun.create_model_and_transforms),
+                 (oc_train, "get_clip_metrics", SigrelRun.get_clip_metrics), *run_hooks]
+    plain_swaps = [(oc_main, "parse_args", parse_args),
+                   (torch.nn.parallel, "DistributedDataParallel", CpuSafeDDP), *plain_swaps]
+    with contextlib.ExitStack() as stack:
+        for module, name, fn in run_hooks:
+            stack.enter_context(swapped(module, name, hook(fn, getattr(module, name))))
+        for module, name, value in plain_swaps:
+            stack.enter_context(swapped(module, name, value))
+        status = oc_main.main(argv)
+    return int(status or 0)

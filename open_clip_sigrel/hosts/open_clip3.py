@@ -16,13 +16,12 @@ The loss dict of 3.x is summed whole, so telemetry goes to its TensorBoard write
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import torch.nn as nn
 
-from open_clip_sigrel.hosts.common import CpuSafeDDP, LossMonitor, SigrelRun, swapped
+from open_clip_sigrel.hosts.common import LossMonitor, SigrelRun, run_open_clip_main
 
 NAME = "open_clip 3.x (name swaps)"
 
@@ -77,38 +76,20 @@ class _ClampedScale:
         return getattr(self._param, name)
 
 
+def unwrap_model(run: SigrelRun, original, model):
+    inner = original(model)
+    t_max = run.args.sigrel_max_logit_scale
+    return inner if t_max is None else ClampView(inner, math.log(t_max))
+
+
 def run(argv: list[str], parse) -> int:
     """open_clip_train.main.main(argv) with the plugin's hooks; ``parse(argv, stock_parse_args)`` -> args."""
     import open_clip_train.main as oc_main
     import open_clip_train.train as oc_train
 
-    holder: dict = {}
-    stock_parse_args = oc_main.parse_args
-
-    def parse_args(a):
-        holder["run"] = SigrelRun(parse(a, stock_parse_args))
-        return holder["run"].args
-
-    def hook(fn, original):
-        return lambda *a, **kw: fn(holder["run"], original, *a, **kw)
-
-    with contextlib.ExitStack() as stack:
-        enter = stack.enter_context
-        original_unwrap = oc_train.unwrap_model
-
-        def unwrap_model(model):
-            inner = original_unwrap(model)
-            t_max = holder["run"].args.sigrel_max_logit_scale
-            return inner if t_max is None else ClampView(inner, math.log(t_max))
-
-        enter(swapped(oc_main, "parse_args", parse_args))
-        enter(swapped(oc_main, "create_model_and_transforms", hook(
-            SigrelRun.create_model_and_transforms, oc_main.create_model_and_transforms)))
-        enter(swapped(oc_main, "create_loss", hook(create_loss, oc_main.create_loss)))
-        enter(swapped(oc_main, "train_one_epoch", hook(train_one_epoch, oc_main.train_one_epoch)))
-        enter(swapped(oc_train, "get_clip_metrics", hook(SigrelRun.get_clip_metrics, oc_train.get_clip_metrics)))
-        enter(swapped(oc_main, "pt_load", _pt_load_weights_only))
-        enter(swapped(torch.nn.parallel, "DistributedDataParallel", CpuSafeDDP))
-        enter(swapped(oc_train, "unwrap_model", unwrap_model))
-        status = oc_main.main(argv)
-    return int(status or 0)
+    return run_open_clip_main(
+        argv, parse,
+        run_hooks=[(oc_main, "create_loss", create_loss), (oc_main, "train_one_epoch", train_one_epoch),
+                   (oc_train, "unwrap_model", unwrap_model)],
+        plain_swaps=[(oc_main, "pt_load", _pt_load_weights_only)],
+    )

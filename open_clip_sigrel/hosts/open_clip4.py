@@ -17,12 +17,9 @@ key as a train/ scalar (all-reduced over ranks) at its own metric steps.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
-import torch
-
-from open_clip_sigrel.hosts.common import CpuSafeDDP, LossMonitor, SigrelRun, swapped
+from open_clip_sigrel.hosts.common import LossMonitor, SigrelRun, run_open_clip_main
 
 NAME = "open_clip 4.x (task API)"
 
@@ -99,28 +96,8 @@ def check_args(args) -> None:
 def run(argv: list[str], parse) -> int:
     """open_clip_train.main.main(argv) with the plugin's seams; ``parse(argv, stock_parse_args)`` -> args."""
     import open_clip_train.main as oc_main
-    import open_clip_train.train as oc_train
 
-    holder: dict = {}
-    stock_parse_args = oc_main.parse_args
-
-    def parse_args(a):
-        args = parse(a, stock_parse_args)
-        check_args(args)
-        holder["run"] = SigrelRun(args)
-        return args
-
-    def hook(fn, original):
-        return lambda *a, **kw: fn(holder["run"], original, *a, **kw)
-
-    with contextlib.ExitStack() as stack:
-        enter = stack.enter_context
-        enter(swapped(oc_main, "parse_args", parse_args))
-        enter(swapped(oc_main, "create_model_and_transforms", hook(
-            SigrelRun.create_model_and_transforms, oc_main.create_model_and_transforms)))
-        enter(swapped(oc_main, "create_task", hook(create_task, oc_main.create_task)))
-        enter(swapped(oc_main, "train_one_epoch", hook(train_one_epoch, oc_main.train_one_epoch)))
-        enter(swapped(oc_train, "get_clip_metrics", hook(SigrelRun.get_clip_metrics, oc_train.get_clip_metrics)))
-        enter(swapped(torch.nn.parallel, "DistributedDataParallel", CpuSafeDDP))
-        status = oc_main.main(argv)
-    return int(status or 0)
+    return run_open_clip_main(
+        argv, parse, check_args=check_args,
+        run_hooks=[(oc_main, "create_task", create_task), (oc_main, "train_one_epoch", train_one_epoch)],
+    )
