@@ -110,7 +110,7 @@ for name in ("open_clip", "open_clip_train", "webdataset", "siglip_kernel", "tri
     except Exception as e:  # noqa: BLE001
         print(name, "NOT IMPORTABLE:", type(e).__name__, e)
 import open_clip_sigrel  # noqa: E402
-from open_clip_sigrel import bench  # noqa: E402
+from open_clip_sigrel.tools import bench  # noqa: E402
 print("open_clip-chunked:", bench.open_clip_chunked_support() or "available")
 repo = os.path.realpath(os.getcwd())
 where = os.path.realpath(os.path.dirname(open_clip_sigrel.__file__))

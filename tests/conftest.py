@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def digits_data(tmp_path_factory):
     """A small copy of the shipped real-image dataset (digit mosaics), made once per session."""
-    from open_clip_sigrel.data import make_digits_dataset
+    from open_clip_sigrel.tools.data import make_digits_dataset
 
     return make_digits_dataset(tmp_path_factory.mktemp("digits") / "data", n_train=512, n_val=128, shard_size=128)
 
@@ -50,7 +50,7 @@ def stock_logits(python):
 
     import torch
 
-    cfg = REPO / "open_clip_sigrel" / "model_configs" / "sigrel-tiny.json"
+    cfg = REPO / "open_clip_sigrel" / "configs" / "sigrel-tiny.json"
 
     def load(ckpt):
         out = subprocess.run([python, "-c", STOCK_LOAD, str(cfg), str(ckpt)], capture_output=True, text=True,

@@ -14,8 +14,8 @@ import pytest
 import torch
 from open_clip.loss import SigLipLoss
 
-from open_clip_sigrel import bench
 from open_clip_sigrel.cli import main
+from open_clip_sigrel.tools import bench
 
 # open_clip's main branch (not 3.3.0) has SigLipLoss(chunk_size=...); bench loss then compares it too.
 OC_CHUNKED = "chunk_size" in inspect.signature(SigLipLoss).parameters
@@ -117,7 +117,7 @@ def test_bench_device_cuda_without_cuda_fails_before_any_work(which, monkeypatch
 
     monkeypatch.setattr(bench, "_run_worker", no_work)
     monkeypatch.setattr(bench.subprocess, "run", no_work)
-    monkeypatch.setattr("open_clip_sigrel.data.ensure_digits_dataset", no_work)
+    monkeypatch.setattr("open_clip_sigrel.tools.data.ensure_digits_dataset", no_work)
     argv = ["bench", "loss", "--batch", "64"] if which == "loss" else ["bench", "train", "--steps", "3"]
     assert main([*argv, "--device", "cuda"]) == 2
     err = capsys.readouterr().err
@@ -195,7 +195,7 @@ def test_bench_train_alternates_runs_and_reports_ratio(tmp_path, monkeypatch, ca
     real_run = subprocess.run
 
     def fake_run(cmd, **kwargs):
-        if "open_clip_sigrel.train" not in cmd:  # e.g. a library probing its environment
+        if "open_clip_sigrel.cli.train" not in cmd:  # e.g. a library probing its environment
             return real_run(cmd, **kwargs)
         loss = "siglip" if "--siglip" in cmd else "sigrel"
         calls.append(loss)
@@ -209,7 +209,7 @@ def test_bench_train_alternates_runs_and_reports_ratio(tmp_path, monkeypatch, ca
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
     monkeypatch.setattr(bench.subprocess, "run", fake_run)
-    monkeypatch.setattr("open_clip_sigrel.data.ensure_digits_dataset",
+    monkeypatch.setattr("open_clip_sigrel.tools.data.ensure_digits_dataset",
                         lambda d: {"train_data": "/nowhere/{0..3}.tar", "train_num_samples": 2048})
     assert main(["bench", "train", "--steps", "5", "--warmup-steps", "1", "--rounds", "2", "--json"]) == 0
     assert calls == ["siglip", "sigrel", "sigrel", "siglip"]
@@ -226,12 +226,12 @@ def test_bench_train_reports_a_failed_run(tmp_path, monkeypatch, capsys):
     real_run = subprocess.run
 
     def fake_run(cmd, **kwargs):
-        if "open_clip_sigrel.train" not in cmd:
+        if "open_clip_sigrel.cli.train" not in cmd:
             return real_run(cmd, **kwargs)
         return subprocess.CompletedProcess(cmd, 1, "", "Traceback\nValueError: boom")
 
     monkeypatch.setattr(bench.subprocess, "run", fake_run)
-    monkeypatch.setattr("open_clip_sigrel.data.ensure_digits_dataset", lambda d: {"train_data": "x"})
+    monkeypatch.setattr("open_clip_sigrel.tools.data.ensure_digits_dataset", lambda d: {"train_data": "x"})
     assert main(["bench", "train", "--steps", "3", "--rounds", "1"]) == 1
     out = capsys.readouterr().out
     assert "failed" in out and "boom" in out

@@ -1,4 +1,4 @@
-"""Dimension / size bounds for (m, b_rel)-constellations (open_clip_sigrel.bounds)."""
+"""Dimension / size bounds for (m, b_rel)-constellations (open_clip_sigrel.tools.bounds)."""
 from __future__ import annotations
 
 import io
@@ -9,8 +9,8 @@ from contextlib import redirect_stderr, redirect_stdout
 import numpy as np
 import pytest
 
-from open_clip_sigrel import bounds as B
 from open_clip_sigrel.cli import main as cli_main
+from open_clip_sigrel.tools import bounds as B
 
 
 def _dmin(n: int, m: float, b: float | None = None) -> tuple[int, int]:

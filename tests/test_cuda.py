@@ -137,7 +137,7 @@ def test_sigrel_bf16_inputs_match_the_fp64_reference(batch, t, logit_bias):
 
 def _peak_extra_bytes(impl: str, batch: int) -> tuple[int, float]:
     """Extra memory of one forward + backward over its inputs, through bench's own step and meters."""
-    from open_clip_sigrel import bench
+    from open_clip_sigrel.tools import bench
 
     device = torch.device(DEVICE)
     step, leaves = bench._loss_step({"impl": impl, "batch": batch, "dim": DIM, "dtype": "fp32"}, device)
@@ -186,9 +186,9 @@ def test_bench_loss_runs_on_the_device(capsys):
 
 
 def test_short_training_run(digits_data, tmp_path):
-    """`python -m open_clip_sigrel.train --loss sigrel` for one epoch on the device with amp_bf16."""
+    """`python -m open_clip_sigrel.cli.train --loss sigrel` for one epoch on the device with amp_bf16."""
     logs, name = tmp_path / "logs", "x"
-    cmd = [sys.executable, "-m", "open_clip_sigrel.train", "--loss", "sigrel", "--model", "sigrel-tiny",
+    cmd = [sys.executable, "-m", "open_clip_sigrel.cli.train", "--loss", "sigrel", "--model", "sigrel-tiny",
            "--train-data", digits_data["train_data"], "--train-num-samples", str(digits_data["train_num_samples"]),
            "--dataset-type", "webdataset", "--batch-size", "64", "--epochs", "1", "--workers", "0",
            "--device", DEVICE, "--precision", "amp_bf16", "--logs", str(logs), "--name", name,

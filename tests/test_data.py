@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from open_clip_sigrel.data import ensure_digits_dataset, make_digits_dataset
+from open_clip_sigrel.tools.data import ensure_digits_dataset, make_digits_dataset
 
 SMALL = {"n_train": 40, "n_val": 24, "shard_size": 16, "seed": 3}
 TINY_MODEL = "sigrel-data-test-tiny"

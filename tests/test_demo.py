@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from open_clip_sigrel import demo
 from open_clip_sigrel.cli import main
+from open_clip_sigrel.tools import demo
 
 TINY = ["--epochs", "1", "--n-train", "128", "--n-val", "64", "--batch-size", "32", "--warmup", "2"]
 ROW_KEYS = ("train_loss", "logit_scale", "rel_bias", "logit_bias", "image_to_text_R@1", "text_to_image_R@1",

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from open_clip_sigrel.cli import main
-from open_clip_sigrel.geometry import geometry_metrics
+from open_clip_sigrel.metrics.geometry import geometry_metrics
 
 TINY = {
     "embed_dim": 32,
@@ -63,7 +63,7 @@ def env(tmp_path_factory):
     model = open_clip.create_model("geomtest-tiny")
     ckpt = root / "tiny.pt"
     torch.save({"epoch": 1, "state_dict": model.state_dict()}, ckpt)
-    from open_clip_sigrel.model_config import add_model_config
+    from open_clip_sigrel.configs import add_model_config
 
     add_model_config(hub)
     wide = root / "wide.pt"

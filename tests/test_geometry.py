@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from open_clip_sigrel import geometry as geo
-from open_clip_sigrel.geometry import geometry_metrics
 from open_clip_sigrel.loss import sigrel_loss
+from open_clip_sigrel.metrics import geometry as geo
+from open_clip_sigrel.metrics.geometry import geometry_metrics
 
 
 def _unit(a: np.ndarray) -> np.ndarray:
@@ -320,7 +320,7 @@ def test_inputs_already_normalised_are_used_in_place_and_N2_works():
 
 
 def test_plots_write_pngs(tmp_path):
-    from open_clip_sigrel import plots
+    from open_clip_sigrel.tools import plots
 
     x, y = _pairs(300, 16, 1.0, seed=9, shift=0.2)
     m = geometry_metrics(x, y, logit_scale=10.0, logit_bias=-2.0)

@@ -50,12 +50,12 @@ UNSUPPORTED = textwrap.dedent("""
     md.version = lambda name: "9.0.0" if name == "open_clip_torch" else real(name)
     import torch
     from open_clip_sigrel import SigRelLoss, sigrel_loss
-    from open_clip_sigrel.geometry import geometry_metrics
-    from open_clip_sigrel import bounds
+    from open_clip_sigrel.metrics.geometry import geometry_metrics
+    from open_clip_sigrel.tools import bounds
     x = torch.nn.functional.normalize(torch.randn(8, 4, dtype=torch.float64), dim=-1)
     assert torch.isfinite(sigrel_loss(x, x, logit_scale=10.0, rel_bias=0.5))
     assert "margin_mean" in geometry_metrics(x, x)
-    from open_clip_sigrel.train import main
+    from open_clip_sigrel.cli.train import main
     main(["--train-data", "x.tar", "--loss", "sigrel"])
 """)
 

@@ -6,13 +6,13 @@ import open_clip
 import pytest
 import torch
 
-from open_clip_sigrel.model import enable_rel_bias, has_rel_bias
-from open_clip_sigrel.model_config import (
+from open_clip_sigrel.configs import (
     add_model_config,
     get_sigrel_block,
     parse_sigrel_block,
     register_shipped_configs,
 )
+from open_clip_sigrel.model import enable_rel_bias, has_rel_bias
 
 
 def _tiny(**kw):

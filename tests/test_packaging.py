@@ -20,7 +20,7 @@ import pytest
 import open_clip_sigrel
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(p.name for p in (REPO / "open_clip_sigrel" / "model_configs").glob("*.json"))
+CONFIGS = sorted(p.name for p in (REPO / "open_clip_sigrel" / "configs").glob("*.json"))
 SCRIPTS = {
     "open-clip-sigrel": ["make-data", "eval", "synth", "bounds", "demo", "bench"],
     "open-clip-sigrel-train": ["--loss", "--sigrel-init-rel-bias", "--train-data"],
@@ -57,9 +57,9 @@ def dists(tmp_path_factory) -> dict[str, Path]:
 def test_sdist_has_sources_and_model_configs(dists):
     with tarfile.open(dists["sdist"]) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
-    assert {f"open_clip_sigrel/model_configs/{c}" for c in CONFIGS} <= names
+    assert {f"open_clip_sigrel/configs/{c}" for c in CONFIGS} <= names
     assert {"setup.cfg", "pyproject.toml", "README.md", "open_clip_sigrel/__init__.py",
-            "open_clip_sigrel/registry.py", "open_clip_sigrel/train.py"} <= names
+            "open_clip_sigrel/hosts/plugin.py", "open_clip_sigrel/cli/train.py"} <= names
 
 
 def test_wheel_has_package_configs_and_entry_points(dists):
@@ -68,11 +68,11 @@ def test_wheel_has_package_configs_and_entry_points(dists):
         info = next(n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA"))
         entry_points = whl.read(f"{info}/entry_points.txt").decode()
         metadata = whl.read(f"{info}/METADATA").decode()
-    assert {f"open_clip_sigrel/model_configs/{c}" for c in CONFIGS} <= names
+    assert {f"open_clip_sigrel/configs/{c}" for c in CONFIGS} <= names
     assert {n.split("/")[0] for n in names} == {"open_clip_sigrel", info}  # no tests/, patches/ in the wheel
     assert "open-clip-sigrel = open_clip_sigrel.cli:main" in entry_points
-    assert "open-clip-sigrel-train = open_clip_sigrel.train:cli" in entry_points
-    assert "[open_clip.losses]\nsigrel = open_clip_sigrel.registry:sigrel" in entry_points
+    assert "open-clip-sigrel-train = open_clip_sigrel.cli.train:cli" in entry_points
+    assert "[open_clip.losses]\nsigrel = open_clip_sigrel.hosts.plugin:sigrel" in entry_points
     assert "Requires-Dist: open_clip_torch<5,>=2.30" in metadata
 
 

@@ -63,8 +63,8 @@ def test_patch_applies_cleanly_and_reverses(tmp_path):
 def test_entry_point_group_lists_sigrel():
     eps = {ep.name: ep for ep in entry_points(group="open_clip.losses")}
     assert "sigrel" in eps, "re-install the package (pip install -e .) after changing setup.cfg"
-    assert eps["sigrel"].value == "open_clip_sigrel.registry:sigrel"
-    from open_clip_sigrel.registry import sigrel
+    assert eps["sigrel"].value == "open_clip_sigrel.hosts.plugin:sigrel"
+    from open_clip_sigrel.hosts.plugin import sigrel
 
     assert eps["sigrel"].load() is sigrel
     assert all(callable(getattr(sigrel, hook)) for hook in
@@ -178,12 +178,12 @@ def small_csv(digits_data, tmp_path_factory) -> Path:
 
 
 def test_patched_stock_trainer_matches_plugin_entry(patched, small_csv, tmp_path, python):
-    """open_clip_train.main --loss sigrel (patched) == open_clip_sigrel.train --loss sigrel, step by step;
+    """open_clip_train.main --loss sigrel (patched) == open_clip_sigrel.cli.train --loss sigrel, step by step;
     the plugin's own entry on a patched open_clip is unchanged too (its hooks are not applied twice)."""
     runs = {
         "patched_stock": (["-m", "open_clip_train.main"], patched),
-        "plugin": (["-m", "open_clip_sigrel.train"], None),
-        "plugin_on_patched": (["-m", "open_clip_sigrel.train"], patched),
+        "plugin": (["-m", "open_clip_sigrel.cli.train"], None),
+        "plugin_on_patched": (["-m", "open_clip_sigrel.cli.train"], patched),
     }
     procs = {
         name: subprocess.Popen([python, *module, *_train_argv(small_csv, tmp_path, name)], env=subprocess_env(path),

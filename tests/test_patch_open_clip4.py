@@ -82,8 +82,8 @@ def test_patch_applies_cleanly_and_reverses(tmp_path):
 def test_entry_point_serves_the_task_hook():
     eps = {ep.name: ep for ep in entry_points(group="open_clip.losses")}
     assert "sigrel" in eps, "re-install the package (pip install -e .) after changing setup.cfg"
-    assert eps["sigrel"].value == "open_clip_sigrel.registry:sigrel"
-    from open_clip_sigrel.registry import sigrel
+    assert eps["sigrel"].value == "open_clip_sigrel.hosts.plugin:sigrel"
+    from open_clip_sigrel.hosts.plugin import sigrel
 
     assert eps["sigrel"].load() is sigrel
     assert all(callable(getattr(sigrel, hook)) for hook in
@@ -225,13 +225,13 @@ def small_csv(digits_data, tmp_path_factory) -> Path:
 
 
 def test_patched_stock_trainer_matches_plugin_entry(patched, small_csv, tmp_path, python):
-    """open_clip_train.main --loss sigrel (patched 4.x) == open_clip_sigrel.train --loss sigrel, step by
+    """open_clip_train.main --loss sigrel (patched 4.x) == open_clip_sigrel.cli.train --loss sigrel, step by
     step over 2 epochs (telemetry) and in the final checkpoint; the plugin's own entry on a patched
     open_clip is unchanged too (its seams are not applied twice)."""
     runs = {
         "patched_stock": (["-m", "open_clip_train.main"], patched),
-        "plugin": (["-m", "open_clip_sigrel.train"], None),
-        "plugin_on_patched": (["-m", "open_clip_sigrel.train"], patched),
+        "plugin": (["-m", "open_clip_sigrel.cli.train"], None),
+        "plugin_on_patched": (["-m", "open_clip_sigrel.cli.train"], patched),
     }
     outputs = {}
     for name, (module, path) in runs.items():  # one at a time: the 2 cores are shared
@@ -269,7 +269,7 @@ def test_patched_stock_trainer_torchrun_two_cpu_processes(strategy, patched, sma
     extra = ["--batch-size", "8"] + (["--fsdp", "--precision", "fp32"] if strategy == "fsdp" else [])
     # gloo on the loopback device (_env): a host whose default interface does not route to itself hangs
     # in the first collective (and torchrun's --master_port 0 hangs in the rendezvous; --standalone does not)
-    for name, module in (("patched_stock", "open_clip_train.main"), ("plugin", "open_clip_sigrel.train")):
+    for name, module in (("patched_stock", "open_clip_train.main"), ("plugin", "open_clip_sigrel.cli.train")):
         cmd = [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", module, "--", *_train_argv(small_csv, tmp_path, name, epochs=1), *extra]
         result = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(patched), timeout=300)

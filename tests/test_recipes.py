@@ -3,7 +3,7 @@
 Each recipe builds its arguments in a bash array and, with ``SIGREL_RECIPE_DRY_RUN=args``, prints
 them NUL-separated instead of launching; ``=1`` prints the whole launcher command. The arguments are
 exactly what bash would pass (defaults, environment overrides and brace placeholders included), and
-``open_clip_sigrel.train.parse_args`` runs open_clip's own parser plus the plugin's checks on them.
+``open_clip_sigrel.cli.train.parse_args`` runs open_clip's own parser plus the plugin's checks on them.
 
 The whole launcher line goes through its launcher's parser too (torchrun's own argparse parser; an
 explicit parse of srun's and python's few options), since a launcher that swallows a training flag
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from open_clip_sigrel.train import parse_args
+from open_clip_sigrel.cli.train import parse_args
 
 RECIPES = Path(__file__).resolve().parents[1] / "training_recipes"
 # (sigrel recipe, its --siglip A/B partner, environment variable of its training shards, launcher)
@@ -53,7 +53,7 @@ def _env(**overrides: str) -> dict[str, str]:
 
 
 def recipe_args(script: str, **env: str) -> list[str]:
-    """The training arguments the recipe would pass to open_clip_sigrel.train."""
+    """The training arguments the recipe would pass to open_clip_sigrel.cli.train."""
     out = subprocess.run([BASH, str(RECIPES / script)], env=_env(SIGREL_RECIPE_DRY_RUN="args", **env),
                          capture_output=True, check=True, timeout=60)
     text = out.stdout.decode()
@@ -159,7 +159,7 @@ def test_dry_run_prints_the_launcher_with_the_same_arguments(script):
                          capture_output=True, text=True, check=True, timeout=60).stdout
     cmd = shlex.split(out)
     assert cmd[0] == LAUNCHER[script]
-    module = cmd.index("open_clip_sigrel.train")
+    module = cmd.index("open_clip_sigrel.cli.train")
     assert cmd[module - 1] == "-m"
     if LAUNCHER[script] == "torchrun":  # `--` ends torchrun's own options (see the tests below)
         assert cmd[module + 1] == "--" and cmd[module + 2:] == recipe_args(script)
@@ -180,7 +180,7 @@ def test_sbatch_directives_come_before_any_command(script):
 
 # ---------------------------------------------------------------- the launcher line, parsed by its launcher
 
-TRAIN_MODULE = "open_clip_sigrel.train"
+TRAIN_MODULE = "open_clip_sigrel.cli.train"
 # Environments the launcher checks run under: the defaults, and every override (IMAGENET_VAL adds flags).
 LAUNCH_ENVS = {
     "defaults": {},
@@ -204,7 +204,7 @@ def torchrun_training_argv(script: str, cmd: list[str]):
     assert args.module and args.training_script == TRAIN_MODULE, (args.module, args.training_script)
     argv = list(args.training_script_args)
     if argv[:1] == ["--"]:  # kept or dropped by argparse depending on the Python version;
-        argv = argv[1:]     # open_clip_sigrel.train.main drops it itself
+        argv = argv[1:]     # open_clip_sigrel.cli.train.main drops it itself
     return args, argv
 
 

@@ -1,4 +1,4 @@
-"""Synthetic constellation experiments (open_clip_sigrel.synth): short runs, N = 100, d = 10."""
+"""Synthetic constellation experiments (open_clip_sigrel.tools.synth): short runs, N = 100, d = 10."""
 from __future__ import annotations
 
 import io
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from open_clip_sigrel.cli import main as cli_main
 from open_clip_sigrel.loss import batched_sigrel_loss, sigrel_loss
-from open_clip_sigrel.synth import (
+from open_clip_sigrel.tools.synth import (
     RunSpec,
     build_batches,
     init_embeddings,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from open_clip_sigrel import train as sigrel_train
+from open_clip_sigrel.cli import train as sigrel_train
 from open_clip_sigrel.hosts import common, open_clip3
 
 
@@ -197,7 +197,7 @@ def test_torchrun_two_cpu_processes(digits_data, tmp_path, python):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [python, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           "-m", "open_clip_sigrel.train", "--", *_argv(digits_data, tmp_path, "ddp", "--loss", "sigrel",
+           "-m", "open_clip_sigrel.cli.train", "--", *_argv(digits_data, tmp_path, "ddp", "--loss", "sigrel",
                                                    "--accum-freq", "2", "--sigrel-fixed-logit-scale", val=False)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -213,7 +213,7 @@ def test_torchrun_two_cpu_processes(digits_data, tmp_path, python):
 def _stock_checkpoint(path, t, logit_bias):
     import open_clip
 
-    from open_clip_sigrel.model_config import register_shipped_configs
+    from open_clip_sigrel.configs import register_shipped_configs
 
     register_shipped_configs()
     model = open_clip.create_model("sigrel-tiny", init_logit_bias=logit_bias)
@@ -321,7 +321,7 @@ def test_no_loss_flag_is_plain_open_clip():
 
 
 def test_help_lists_plugin_and_open_clip_flags(python):
-    out = subprocess.run([python, "-m", "open_clip_sigrel.train", "--help"], capture_output=True, text=True)
+    out = subprocess.run([python, "-m", "open_clip_sigrel.cli.train", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--sigrel-fixed-rel-bias" in out.stdout and "--train-data" in out.stdout
 
 
@@ -338,7 +338,7 @@ NAN_ON_RANK_1 = textwrap.dedent("""
         return out
 
     loss.SigRelLoss.forward = poisoned
-    from open_clip_sigrel.train import main
+    from open_clip_sigrel.cli.train import main
     sys.exit(main(sys.argv[1:]))
 """)
 
@@ -371,7 +371,7 @@ def test_clip_run_logs_no_relative_bias(digits_data, tmp_path):
     """A model without logit_bias has no b_rel: no train/rel_bias, no NaN in the (strict) JSON."""
     import open_clip
 
-    cfg = json.loads((Path(sigrel_train.__file__).parent / "model_configs" / "sigrel-tiny.json").read_text())
+    cfg = json.loads((Path(sigrel_train.__file__).parents[1] / "configs" / "sigrel-tiny.json").read_text())
     cfg["model_cfg"].pop("init_logit_bias")
     (tmp_path / "tiny-nobias.json").write_text(json.dumps(cfg["model_cfg"]))
     open_clip.add_model_config(tmp_path / "tiny-nobias.json")

@@ -14,7 +14,7 @@ import open_clip_train.main as oc_main
 import pytest
 import torch
 
-from open_clip_sigrel import train as sigrel_train
+from open_clip_sigrel.cli import train as sigrel_train
 from open_clip_sigrel.hosts import common
 
 pytestmark = pytest.mark.skipif(
@@ -38,7 +38,7 @@ def _argv(data, logs, name, *extra, epochs=2, csv=False):
 
 def _torchrun(python, argv, nproc=2, timeout=300):
     cmd = [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "-m", "open_clip_sigrel.train", "--", *argv]
+           "-m", "open_clip_sigrel.cli.train", "--", *argv]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     return result

@@ -69,7 +69,7 @@ fi
 
 # `--` ends torchrun's options: without it torchrun (torch >= 2.14) reads the training flag --logs
 # as an ambiguous prefix of its own --logs-specs and exits before launching anything.
-CMD=(torchrun --standalone --nproc_per_node "$NPROC_PER_NODE" -m open_clip_sigrel.train -- "${ARGS[@]}")
+CMD=(torchrun --standalone --nproc_per_node "$NPROC_PER_NODE" -m open_clip_sigrel.cli.train -- "${ARGS[@]}")
 case "${SIGREL_RECIPE_DRY_RUN:-}" in
   "") exec "${CMD[@]}" ;;
   args) printf '%s\0' "${ARGS[@]}" ;;

@@ -151,7 +151,7 @@ class SigrelRun:
                            **kwargs)
         if self.args.sigrel_no_geometry:
             return metrics
-        from open_clip_sigrel.geometry import geometry_metrics
+        from open_clip_sigrel.metrics.geometry import geometry_metrics
 
         if isinstance(image_features, (list, tuple)):  # open_clip 4.x hands over the per-batch chunks
             image_features, text_features = torch.cat(list(image_features)), torch.cat(list(text_features))
@@ -179,7 +179,7 @@ def batch_constellation(image_features: torch.Tensor, text_features: torch.Tenso
     """Worst-case and mean halved margin / relative bias of one local batch (the paper's m*, b*_rel).
 
     Returned as 0-d tensors on the features' device (no host synchronisation); row blocks keep memory
-    at chunk_size x B. The full metric set is open_clip_sigrel.geometry's.
+    at chunk_size x B. The full metric set is open_clip_sigrel.metrics.geometry's.
     """
     x = torch.nn.functional.normalize(image_features.float(), dim=-1)
     y = torch.nn.functional.normalize(text_features.float(), dim=-1)

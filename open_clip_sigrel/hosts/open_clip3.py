@@ -3,7 +3,7 @@
 open_clip_train.main imports its helpers into its own namespace; these are replaced while
 ``run`` executes (and restored after):
 
-  parse_args                   the plugin's flags, then open_clip's parser (open_clip_sigrel.train).
+  parse_args                   the plugin's flags, then open_clip's parser (open_clip_sigrel.cli.train).
   create_model_and_transforms  a sigrel model gets its trainable ``rel_bias`` (open_clip_sigrel.model).
   create_loss                  ``SigRelLoss`` for --loss sigrel, inside the LossMonitor (every loss).
   train_one_epoch              the step clock learns the epoch, the writer and the optimizer.

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 
 from open_clip_sigrel.hosts.common import LossMonitor, SigrelRun, run_open_clip_main
+from open_clip_sigrel.hosts.options import SigrelOptionError
 
 NAME = "open_clip 4.x (task API)"
 
@@ -81,16 +82,14 @@ def train_one_epoch(run: SigrelRun, original, state, data, args, tb_writer=None)
 
 def check_args(args) -> None:
     """4.x features that cannot work with --loss sigrel, refused before any work."""
-    from open_clip_sigrel.train import fail
-
     if args.loss != "sigrel":
         return
     if getattr(args, "use_naflex", False):
-        fail("--loss sigrel does not support NaFlex (--use-naflex) yet")
+        raise SigrelOptionError("--loss sigrel does not support NaFlex (--use-naflex) yet")
     if "audio" in (args.dataset_type or ""):
-        fail(f"--loss sigrel trains image-text models; --dataset-type {args.dataset_type} is audio")
+        raise SigrelOptionError(f"--loss sigrel trains image-text models; --dataset-type {args.dataset_type} is audio")
     if "genlip" in args.model.lower() or "genlap" in args.model.lower():
-        fail(f"--loss sigrel needs a contrastive image-text model, not {args.model}")
+        raise SigrelOptionError(f"--loss sigrel needs a contrastive image-text model, not {args.model}")
 
 
 def run(argv: list[str], parse) -> int:

@@ -21,7 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from open_clip_sigrel.geometry import _prepare, _row_blocks
+from open_clip_sigrel.metrics.geometry import _prepare, _row_blocks
 
 __all__ = ["plot_similarity_histograms", "plot_modality_projection", "plot_training_curves"]
 

@@ -221,7 +221,7 @@ def bench_loss(args: argparse.Namespace) -> dict:
                         "memory_method": env.get("memory_method", "cuda" if args.device == "cuda" else None),
                         "repeats": args.repeats, "warmup": args.warmup, "rounds": args.rounds},
         "notes": "time_ms: median step (forward + backward); peak_extra_MiB: peak memory over the inputs' "
-                 "(see `open-clip-sigrel bench --help` / open_clip_sigrel.bench); time_ratio / mem_ratio: "
+                 "(see `open-clip-sigrel bench --help` / open_clip_sigrel.tools.bench); time_ratio / mem_ratio: "
                  "impl / open_clip's SigLipLoss at the same batch.",
     }
 
@@ -631,8 +631,8 @@ def _usable_cpus() -> int:
 
 def bench_train(args: argparse.Namespace) -> dict:
     """Runs open_clip training of the tiny model with --siglip and --loss sigrel, alternating, same data."""
-    from open_clip_sigrel.data import ensure_digits_dataset
     from open_clip_sigrel.hosts.common import TELEMETRY_FILE, read_telemetry
+    from open_clip_sigrel.tools.data import ensure_digits_dataset
 
     check_device(args.device)
     data_dir = args.data_dir or os.path.join(tempfile.gettempdir(), "open_clip_sigrel-bench-digits")
@@ -644,7 +644,7 @@ def bench_train(args: argparse.Namespace) -> dict:
         for r in range(args.rounds):
             for loss in (losses if r % 2 == 0 else losses[::-1]):
                 name = f"bench-{loss}-r{r}-{os.getpid()}"
-                cmd = [sys.executable, "-m", "open_clip_sigrel.train",
+                cmd = [sys.executable, "-m", "open_clip_sigrel.cli.train",
                        *(["--siglip"] if loss == "siglip" else ["--loss", "sigrel"]),
                        *train_flags(info["train_data"], args.steps, args.batch_size, args.model, logs, name,
                                     device=args.device, precision=args.precision)]
@@ -752,7 +752,7 @@ def _run_worker(kind: str, cfg: dict, extra_env: dict | None = None) -> dict:
 
 def _run_worker_once(kind: str, cfg: dict, extra_env: dict | None) -> dict:
     env = {**os.environ, **(extra_env or {})}
-    cmd = [sys.executable, "-m", "open_clip_sigrel.bench", "--worker", kind, json.dumps(cfg)]
+    cmd = [sys.executable, "-m", "open_clip_sigrel.tools.bench", "--worker", kind, json.dumps(cfg)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(_RESULT_PREFIX):
@@ -767,9 +767,9 @@ def _last_lines(text: str, n: int = 3) -> str:
 
 
 def _worker_main(argv: list[str]) -> int:
-    # Through the package module, so that spawned ranks unpickle open_clip_sigrel.bench._dist_rank
+    # Through the package module, so that spawned ranks unpickle open_clip_sigrel.tools.bench._dist_rank
     # rather than a function of __main__.
-    from open_clip_sigrel import bench
+    from open_clip_sigrel.tools import bench
 
     kind, cfg = argv[0], json.loads(argv[1])
     try:

@@ -10,12 +10,12 @@ import importlib
 import sys
 
 COMMANDS = {
-    "make-data": ("open_clip_sigrel.data", "write the shipped real-image dataset (digit mosaics) as shards and CSV"),
-    "eval": ("open_clip_sigrel.evaluate", "geometry metrics of a checkpoint or of precomputed embeddings"),
-    "synth": ("open_clip_sigrel.synth", "rerun the paper's synthetic constellation experiments"),
-    "bounds": ("open_clip_sigrel.bounds", "dimension / size bounds for (m, b_rel)-constellations"),
-    "demo": ("open_clip_sigrel.demo", "train the tiny model with --siglip and with --loss sigrel, side by side"),
-    "bench": ("open_clip_sigrel.bench", "benchmark the sigrel loss against open_clip's SigLipLoss"),
+    "make-data": ("open_clip_sigrel.cli.data", "write the shipped real-image dataset (digit mosaics) as shards and CSV"),
+    "eval": ("open_clip_sigrel.cli.evaluate", "geometry metrics of a checkpoint or of precomputed embeddings"),
+    "synth": ("open_clip_sigrel.cli.synth", "rerun the paper's synthetic constellation experiments"),
+    "bounds": ("open_clip_sigrel.cli.bounds", "dimension / size bounds for (m, b_rel)-constellations"),
+    "demo": ("open_clip_sigrel.cli.demo", "train the tiny model with --siglip and with --loss sigrel, side by side"),
+    "bench": ("open_clip_sigrel.tools.bench", "benchmark the sigrel loss against open_clip's SigLipLoss"),
 }
 
 

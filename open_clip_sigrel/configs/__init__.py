@@ -31,7 +31,7 @@ SIGREL_KEYS: dict[str, type] = {
     "fixed_logit_scale": bool,
     "max_logit_scale": float,
 }
-SHIPPED_CONFIG_DIR = Path(__file__).parent / "model_configs"
+SHIPPED_CONFIG_DIR = Path(__file__).parent
 
 _SIGREL_BLOCKS: dict[str, dict] = {}
 _bare_dir: Path | None = None

@@ -14,7 +14,7 @@ exponentiated) and ``logit_bias``.
 
 Output: clip_benchmark's JSON shape ``{"model", "pretrained", "dataset", "task": "geometry", "metrics"}``,
 written atomically (temporary file + rename) only after everything succeeded; metrics as in
-``open_clip_sigrel.geometry``. Failures print ``error: ...`` and exit non-zero with nothing written.
+``open_clip_sigrel.metrics.geometry``. Failures print ``error: ...`` and exit non-zero with nothing written.
 """
 from __future__ import annotations
 
@@ -274,7 +274,7 @@ def _shard_in(error: BaseException, shards: list[str]) -> str | None:
 # ----------------------------------------------------------------------------------------- model
 def _register_configs(args: argparse.Namespace) -> None:
     try:
-        from open_clip_sigrel.model_config import add_model_config, register_shipped_configs
+        from open_clip_sigrel.configs import add_model_config, register_shipped_configs
     except ImportError:  # pragma: no cover - the package ships it
         import open_clip
 
@@ -475,7 +475,7 @@ def _validate_args(args: argparse.Namespace) -> None:
 
 def evaluate(args: argparse.Namespace) -> tuple[dict, Any, Any]:
     """Everything but writing: (result dict, image features, text features); raises EvalError."""
-    from open_clip_sigrel.geometry import geometry_metrics
+    from open_clip_sigrel.metrics.geometry import geometry_metrics
 
     _validate_args(args)
     try:
@@ -518,7 +518,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result, image, text = evaluate(args)
         if args.plots:
-            from open_clip_sigrel.plots import plot_modality_projection, plot_similarity_histograms
+            from open_clip_sigrel.tools.plots import plot_modality_projection, plot_similarity_histograms
 
             folder = Path(args.plots)
             try:

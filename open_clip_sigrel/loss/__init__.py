@@ -21,7 +21,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from open_clip_sigrel.bias import rel_bias_from_logit_bias
+
 NORMALIZATIONS = ("batch", "pairs", "sum")
+#: open_clip's cross-rank exchange patterns (--loss-dist-impl); bidir and shift run as a ring (_RingPairSum).
+DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
+RING_DIST_IMPLS = ("bidir", "shift")
+#: how k >= 2 modalities are paired: every pair (a < c), or modality 0 against each other one
+GRAPHS = ("complete", "star")
 # Elements of one row block of logits (fp32: 16 MiB per temporary) ...
 _CHUNK_ELEMENTS = 1 << 22
 # ... but at least this many image rows: the chunk is the inner dimension of the text-gradient
@@ -317,14 +324,27 @@ def _check_features(image_features: torch.Tensor, text_features: torch.Tensor, p
         )
 
 
-def _normalizer(normalize: str, n_rows: int, n_cols: int) -> int:
+def normalizer(normalize: str, n_rows: int, n_cols: int) -> int:
+    """What the pair sum is divided by: n_rows ("batch", open_clip's), n_rows * n_cols ("pairs", the
+    paper's code) or 1 ("sum")."""
     if normalize == "batch":
         return n_rows
     if normalize == "pairs":
         return n_rows * n_cols
     if normalize == "sum":
         return 1
-    raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+    raise ValueError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {normalize!r}")
+
+
+def graph_edges(k: int, graph: str) -> list[tuple[int, int]]:
+    """The modality pairs (a, c) a multimodal loss averages over (see GRAPHS)."""
+    if k < 2:
+        raise ValueError(f"need at least 2 modalities, got {k}")
+    if graph == "complete":
+        return [(a, c) for a in range(k) for c in range(a + 1, k)]
+    if graph == "star":
+        return [(0, c) for c in range(1, k)]
+    raise ValueError(f"graph must be one of {', '.join(GRAPHS)}, got {graph!r}")
 
 
 def sigrel_loss(
@@ -350,7 +370,7 @@ def sigrel_loss(
     Returns a float32 scalar (also under autocast / bf16 inputs).
     """
     _check_features(image_features, text_features, paired=not negatives_only)
-    norm = _normalizer(normalize, image_features.shape[0], text_features.shape[0])
+    norm = normalizer(normalize, image_features.shape[0], text_features.shape[0])
     t = _as_scalar_tensor(logit_scale, image_features, "logit_scale")
     b = _as_scalar_tensor(rel_bias, image_features, "rel_bias")
     n = image_features.shape[0]
@@ -376,14 +396,7 @@ def multimodal_sigrel_loss(
     graph="complete": every pair (a, c), a < c (the authors' k(k-1)/2 average);
     graph="star": modality 0 against each of the others.
     """
-    if len(features) < 2:
-        raise ValueError(f"need at least 2 modalities, got {len(features)}")
-    if graph == "complete":
-        edges = [(a, c) for a in range(len(features)) for c in range(a + 1, len(features))]
-    elif graph == "star":
-        edges = [(0, c) for c in range(1, len(features))]
-    else:
-        raise ValueError(f"graph must be 'complete' or 'star', got {graph!r}")
+    edges = graph_edges(len(features), graph)
     total = sum(
         sigrel_loss(features[a], features[c], logit_scale, rel_bias, normalize=normalize, chunk_size=chunk_size)
         for a, c in edges
@@ -458,9 +471,7 @@ def batched_sigrel_loss(
             f"need equal (R, B, d) inputs, got {tuple(image_features.shape)} and {tuple(text_features.shape)}"
         )
     r, n = image_features.shape[:2]
-    norm = {"batch": n, "pairs": n * n, "sum": 1}.get(normalize)
-    if norm is None:
-        raise ValueError(f"normalize must be 'batch', 'pairs' or 'sum', got {normalize!r}")
+    norm = normalizer(normalize, n, n)
     t = logit_scale.reshape(r).to(image_features.dtype)
     b = rel_bias.reshape(r).to(image_features.dtype)
     return _BatchedPairSum.apply(image_features, text_features, t, b, float(norm), bool(compute_value))
@@ -474,11 +485,6 @@ def _ring_sigrel_sum(image_features, text_features, logit_scale, rel_bias, chunk
     if chunk_size is None:
         chunk_size = auto_chunk_size(image_features.shape[0], text_features.shape[0])
     return _RingPairSum.apply(image_features, text_features, t, b, int(chunk_size), ring)
-
-
-def rel_bias_from_logit_bias(logit_bias: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """b_rel = -logit_bias / t (open_clip adds the bias, the paper subtracts it)."""
-    return -logit_bias / logit_scale
 
 
 class SigRelLoss(nn.Module):
@@ -506,9 +512,9 @@ class SigRelLoss(nn.Module):
     ):
         super().__init__()
         dist_impl = dist_impl or "bidir"
-        if dist_impl not in ("bidir", "shift", "reduce", "gather"):
-            raise ValueError(f"unknown dist_impl {dist_impl!r}: choose bidir, shift, reduce or gather")
-        _normalizer(normalize, 1, 1)
+        if dist_impl not in DIST_IMPLS:
+            raise ValueError(f"unknown dist_impl {dist_impl!r}: choose one of {', '.join(DIST_IMPLS)}")
+        normalizer(normalize, 1, 1)
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         if upstream_check not in ("auto", "eager", "deferred"):
@@ -575,13 +581,13 @@ class SigRelLoss(nn.Module):
         rel_bias = rel_bias_from_logit_bias(logit_bias, logit_scale)
         kw = dict(normalize="sum", chunk_size=self.chunk_size)
         n_cols = text_features.shape[0]
-        if self.world_size > 1 and self.dist_impl in ("bidir", "shift"):
+        if self.world_size > 1 and self.dist_impl in RING_DIST_IMPLS:
             total = _ring_sigrel_sum(image_features, text_features, logit_scale, rel_bias, self.chunk_size,
                                      _Ring(self.rank, self.world_size, self.dist_impl, owner=self))
             n_cols *= self.world_size
         else:
             total = sigrel_loss(image_features, text_features, logit_scale, rel_bias, **kw)
-        if self.world_size > 1 and self.dist_impl in ("reduce", "gather"):
+        if self.world_size > 1 and self.dist_impl not in RING_DIST_IMPLS:
             self._keep_graph = None
             for block in self._peer_texts(text_features):
                 if block is not None:
@@ -592,6 +598,6 @@ class SigRelLoss(nn.Module):
                 total = total + 0.0 * self._keep_graph.sum()
                 self._keep_graph = None
             n_cols *= self.world_size
-        loss = total / _normalizer(self.normalize, image_features.shape[0], n_cols)
+        loss = total / normalizer(self.normalize, image_features.shape[0], n_cols)
         return {"contrastive_loss": loss} if output_dict else loss
 

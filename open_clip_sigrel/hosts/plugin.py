@@ -4,11 +4,11 @@ One object serves both open_clip patches in ``patches/``; open_clip discovers it
 
     [options.entry_points]
     open_clip.losses =
-        sigrel = open_clip_sigrel.registry:sigrel
+        sigrel = open_clip_sigrel.hosts.plugin:sigrel
 
 and, with either patch applied, ``python -m open_clip_train.main --loss sigrel ...`` trains exactly as
 ``open-clip-sigrel-train --loss sigrel ...`` does: the hooks below call the plugin's own flags,
-checks, model extension, loss and task (``open_clip_sigrel.train``, ``open_clip_sigrel.hosts``);
+checks, model extension, loss and task (``open_clip_sigrel.cli.train``, ``open_clip_sigrel.hosts``);
 nothing is re-implemented.
 
 Hooks both patches call (``open_clip_train.params.parse_args`` and ``open_clip_train.main``):
@@ -45,15 +45,16 @@ the process (from 0, also after ``--resume``) and its ``epoch`` stays 0.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import torch.nn as nn
 
-from open_clip_sigrel import train as _train
+from open_clip_sigrel.configs import register_shipped_configs
 from open_clip_sigrel.hosts import open_clip3, open_clip4
 from open_clip_sigrel.hosts.common import SigrelRun
-from open_clip_sigrel.model_config import register_shipped_configs
+from open_clip_sigrel.hosts.options import SigrelOptionError, add_sigrel_arguments, resolve_args
 
 NAME = "sigrel"
 
@@ -76,14 +77,18 @@ class SigrelLossPlugin:
     def add_args(self, parser: argparse.ArgumentParser) -> None:
         """Adds the plugin's ``--sigrel-*`` flags (all of them but its own ``--loss``) to open_clip's parser."""
         register_shipped_configs()  # sigrel-tiny, ViT-B-16-sigrel
-        _train.add_sigrel_arguments(parser.add_argument_group("open_clip_sigrel (--loss sigrel)"))
+        add_sigrel_arguments(parser.add_argument_group("open_clip_sigrel (--loss sigrel)"))
 
     def check_args(self, args: argparse.Namespace) -> None:
         """The plugin's own checks and defaults; the run's state starts here."""
-        _train.resolve_args(args)
-        if _has_task_api():
-            open_clip4.check_args(args)  # SigRelTask clamps t itself
-        else:
+        try:
+            resolve_args(args)
+            if _has_task_api():
+                open_clip4.check_args(args)  # SigRelTask clamps t itself
+        except SigrelOptionError as e:  # called from the patched parse_args: argparse's exit status 2
+            print(f"open_clip_train: error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        if not _has_task_api():
             args.max_logit_scale = args.sigrel_max_logit_scale  # read by the 3.3.0 patch's clamp
         self._run = SigrelRun(args)
 

@@ -1,8 +1,8 @@
 """`open-clip-sigrel demo`: the tiny model trained with ``--siglip`` and with ``--loss sigrel``, side by side.
 
-Both runs go through open_clip's own training loop (``python -m open_clip_sigrel.train`` in a fresh
+Both runs go through open_clip's own training loop (``python -m open_clip_sigrel.cli.train`` in a fresh
 subprocess each: open_clip's logging set-up is process-global) on the shipped digit-mosaic dataset
-(``open_clip_sigrel.data``, built once into a cache), with the same seed, data, schedule and starting
+(``open_clip_sigrel.tools.data``, built once into a cache), with the same seed, data, schedule and starting
 logits (t0 = 10, logit_bias0 = -10, i.e. b_rel0 = 1). Only the loss differs:
 
 * ``--siglip``       open_clip's SigLipLoss with an absolute, trainable ``logit_bias``;
@@ -19,7 +19,7 @@ Layout under ``--output`` (default ``./sigrel_demo``)::
                                   checkpoints/results.jsonl, epoch_N.pt
     runs/<name>.console.log       everything the training subprocess printed
     comparison.png                t, b_rel, train loss, val margin and R@1 of both runs
-    <name>_curves.png             open_clip_sigrel.plots.plot_training_curves of each run
+    <name>_curves.png             open_clip_sigrel.tools.plots.plot_training_curves of each run
     summary.json                  what ``--json`` prints
 
 Defaults (batch 32, lr 1e-3, warmup 100 steps, 6 epochs of 64 steps, fp32) were chosen so that both
@@ -194,7 +194,7 @@ def _validate(epochs: int, batch_size: int, lr: float, warmup: int, wd: float, n
 def training_argv(loss_flags: tuple[str, ...] | list[str], data: dict, *, logs: str | os.PathLike, name: str,
                   epochs: int, batch_size: int, lr: float, warmup: int, wd: float, seed: int,
                   workers: int) -> list[str]:
-    """The argv of ``python -m open_clip_sigrel.train`` for one demo run (open_clip flags + loss flags)."""
+    """The argv of ``python -m open_clip_sigrel.cli.train`` for one demo run (open_clip flags + loss flags)."""
     return [
         *loss_flags,
         "--model", MODEL,
@@ -226,7 +226,7 @@ def _train_one(name: str, argv: list[str], runs_dir: Path, progress) -> float:
     if run_dir.exists():  # open_clip refuses to reuse an experiment folder
         shutil.rmtree(run_dir)
     console = runs_dir / f"{name}.console.log"
-    cmd = [sys.executable, "-m", "open_clip_sigrel.train", *argv]
+    cmd = [sys.executable, "-m", "open_clip_sigrel.cli.train", *argv]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     start = time.perf_counter()
     watcher = _Progress(name, run_dir, start, progress) if progress is not None else None
@@ -284,7 +284,7 @@ def run_demo(*, output: str | os.PathLike = "sigrel_demo", data_dir: str | os.Pa
     walls: dict[str, float | None] = {name: None for name, _, _ in RUNS}
     if train:
         _validate(epochs, batch_size, lr, warmup, wd, n_train, n_val, workers)
-        from open_clip_sigrel.data import ensure_digits_dataset
+        from open_clip_sigrel.tools.data import ensure_digits_dataset
 
         data_path = Path(data_dir).expanduser().absolute() if data_dir is not None else output / "data"
         if progress is not None:
@@ -303,7 +303,7 @@ def run_demo(*, output: str | os.PathLike = "sigrel_demo", data_dir: str | os.Pa
                                  lr=lr, warmup=warmup, wd=wd, seed=seed, workers=workers)
             settings[f"argv_{name}"] = argv
             if progress is not None:
-                progress(f"[demo {name}] training: python -m open_clip_sigrel.train {' '.join(flags)} ... "
+                progress(f"[demo {name}] training: python -m open_clip_sigrel.cli.train {' '.join(flags)} ... "
                          f"({epochs} epochs x {n_train // batch_size} steps)")
             walls[name] = _train_one(name, argv, runs_dir, progress)
         settings["wall_s"] = {k: round(v, 1) for k, v in walls.items() if v is not None}
@@ -535,7 +535,7 @@ def interpret(runs: dict[str, dict], *, n_val: int) -> str:
 
 
 def _write_plots(runs_dir: Path, output: Path, progress) -> list[Path]:
-    """comparison.png (own figure) and, when open_clip_sigrel.plots is there, each run's curves."""
+    """comparison.png (own figure) and, when open_clip_sigrel.tools.plots is there, each run's curves."""
     written: list[Path] = []
     try:
         written.append(plot_comparison(runs_dir, output / "comparison.png"))
@@ -543,7 +543,7 @@ def _write_plots(runs_dir: Path, output: Path, progress) -> list[Path]:
         if progress is not None:
             progress(f"[demo] comparison plot skipped: {e}")
     try:
-        from open_clip_sigrel.plots import plot_training_curves
+        from open_clip_sigrel.tools.plots import plot_training_curves
     except ImportError:
         return written
     for name, _, title in RUNS:

@@ -1,0 +1,101 @@
+"""The ``--sigrel-*`` training options: their flags, defaults and every check before work starts.
+
+Library code: a bad combination raises ``SigrelOptionError`` (a ValueError) naming the flag; the
+command lines (``open-clip-sigrel-train``, the patched open_clip's parse_args) turn it into argparse's
+exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+
+from open_clip_sigrel.configs import get_sigrel_block
+from open_clip_sigrel.loss import DIST_IMPLS, NORMALIZATIONS
+
+LOSSES = ("clip", "siglip", "sigrel")
+DEFAULT_INIT_LOGIT_SCALE = 10.0  # t0 and b_rel0 of SigLIP: logit_bias0 = -t0 * b_rel0 = -10
+DEFAULT_INIT_REL_BIAS = 1.0
+OPEN_CLIP_MAX_LOGIT_SCALE = 100.0
+
+
+class SigrelOptionError(ValueError):
+    """A training option (or combination) that cannot work; the message names the flag."""
+
+
+def add_sigrel_arguments(parser) -> None:
+    """The ``--sigrel-*`` flags, on any argparse parser or group (also the patched open_clip's)."""
+    g = parser
+    g.add_argument("--sigrel-init-logit-scale", type=float, default=None,
+                   help=f"initial t = exp(logit_scale), not log t (default {DEFAULT_INIT_LOGIT_SCALE:g}, or the "
+                   "model config's sigrel block; with --pretrained: the checkpoint's t)")
+    g.add_argument("--sigrel-init-rel-bias", type=float, default=None,
+                   help=f"initial b_rel; logits = t * (s - b_rel) (default {DEFAULT_INIT_REL_BIAS:g}, or the model "
+                   "config's; with --pretrained: -logit_bias / t of the checkpoint when it has a bias)")
+    g.add_argument("--sigrel-fixed-rel-bias", action="store_true",
+                   help="freeze b_rel and train t (the paper's 'fixed relative bias')")
+    g.add_argument("--sigrel-fixed-logit-scale", action="store_true", help="freeze t")
+    g.add_argument("--sigrel-max-logit-scale", type=float, default=None,
+                   help=f"upper clamp of t after each step (open_clip's is {OPEN_CLIP_MAX_LOGIT_SCALE:g}); "
+                   "'inf' lifts it. Default: unchanged (or the model config's)")
+    g.add_argument("--sigrel-normalize", choices=NORMALIZATIONS, default="batch",
+                   help="loss normalisation: batch = sum / local B (open_clip's), pairs = mean over pairs "
+                   "(the paper's code), sum")
+    g.add_argument("--sigrel-chunk-size", type=int, default=None,
+                   help="image rows per loss block (default: about 4M logits per block)")
+    g.add_argument("--sigrel-no-geometry", action="store_true",
+                   help="do not add geometry metrics to open_clip's evaluation")
+
+
+def resolve_args(args: argparse.Namespace) -> None:
+    """Checks every combination before any work starts, and fills in the sigrel settings."""
+    if args.loss_dist_impl is not None and args.loss_dist_impl not in DIST_IMPLS:
+        raise SigrelOptionError(f"--loss-dist-impl {args.loss_dist_impl!r} is not one of {', '.join(DIST_IMPLS)}")
+    if args.loss == "clip" and args.siglip:
+        raise SigrelOptionError("--siglip together with --loss clip: choose one loss")
+    if args.loss == "sigrel" and args.siglip:
+        raise SigrelOptionError("--siglip together with --loss sigrel: --loss sigrel replaces --siglip (same starting logits)")
+    if args.loss == "siglip":
+        args.siglip = True
+    if args.loss != "sigrel":
+        if args.sigrel_max_logit_scale is not None:
+            _check_max(args.sigrel_max_logit_scale)
+        return
+    if "coca" in args.model.lower():
+        raise SigrelOptionError(f"--loss sigrel does not support CoCa models ({args.model}): their loss adds a captioning term")
+    if args.distill_model is not None or args.distill_pretrained is not None:
+        raise SigrelOptionError("--loss sigrel does not support --distill-model / --distill-pretrained")
+    if getattr(args, "horovod", False):
+        raise SigrelOptionError("--loss sigrel does not support --horovod; use torchrun (torch.distributed)")
+    if args.sigrel_chunk_size is not None and args.sigrel_chunk_size < 1:
+        raise SigrelOptionError(f"--sigrel-chunk-size must be >= 1, got {args.sigrel_chunk_size}")
+
+    block = get_sigrel_block(args.model)
+    args.sigrel_fixed_rel_bias = args.sigrel_fixed_rel_bias or block.get("fixed_rel_bias", False)
+    args.sigrel_fixed_logit_scale = args.sigrel_fixed_logit_scale or block.get("fixed_logit_scale", False)
+    if args.sigrel_max_logit_scale is None:
+        args.sigrel_max_logit_scale = block.get("max_logit_scale")
+    # Explicit values override the checkpoint in a fine-tune; defaults do not.
+    args.sigrel_explicit_init = {
+        "logit_scale": args.sigrel_init_logit_scale is not None,
+        "rel_bias": args.sigrel_init_rel_bias is not None,
+    }
+    if args.sigrel_init_logit_scale is None:
+        args.sigrel_init_logit_scale = block.get("init_logit_scale", DEFAULT_INIT_LOGIT_SCALE)
+    if args.sigrel_init_rel_bias is None:
+        args.sigrel_init_rel_bias = block.get("init_rel_bias", DEFAULT_INIT_REL_BIAS)
+    t0, b0 = args.sigrel_init_logit_scale, args.sigrel_init_rel_bias
+    if not math.isfinite(t0) or t0 <= 0:
+        raise SigrelOptionError(f"--sigrel-init-logit-scale is t = exp(logit_scale) and must be finite and > 0, got {t0}")
+    if not math.isfinite(b0):
+        raise SigrelOptionError(f"--sigrel-init-rel-bias must be finite, got {b0}")
+    if args.sigrel_max_logit_scale is not None:
+        _check_max(args.sigrel_max_logit_scale)
+    t_max = args.sigrel_max_logit_scale or OPEN_CLIP_MAX_LOGIT_SCALE
+    if args.sigrel_fixed_logit_scale and not 1.0 <= t0 <= t_max:
+        raise SigrelOptionError(f"fixed t = {t0:g} lies outside the clamp [1, {t_max:g}] applied after each step; "
+                               "set --sigrel-max-logit-scale")
+
+
+def _check_max(value: float) -> None:
+    if math.isnan(value) or value < 1.0:
+        raise SigrelOptionError(f"--sigrel-max-logit-scale is t and must be >= 1 (or inf), got {value}")
