@@ -11,17 +11,22 @@ is which scalar the optimizer moves (see ``open_clip_sigrel.model``).
 
 No B x B tensor is kept: the pair sum is computed in row blocks, and the gradient of each
 block is formed in the same pass (it only needs sigmoid(logits)), so autograd saves O(B d).
+
+    kernel.py   pair_terms_: the loss terms and dloss/dlogits of one block (every loss in the package);
+                the single-device and batched autograd functions built on it
+    ring.py     the bidir / shift exchange across ranks (gradients sent back during forward)
+    here        the public losses, SigRelLoss (open_clip's call), and the name sets
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from open_clip_sigrel.bias import rel_bias_from_logit_bias
+from open_clip_sigrel.loss.kernel import _BatchedPairSum, _SoftplusPairSum, auto_chunk_size, pair_terms_  # noqa: F401
+from open_clip_sigrel.loss.ring import _Ring, _RingPairSum
 
 NORMALIZATIONS = ("batch", "pairs", "sum")
 #: open_clip's cross-rank exchange patterns (--loss-dist-impl); bidir and shift run as a ring (_RingPairSum).
@@ -29,274 +34,6 @@ DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
 RING_DIST_IMPLS = ("bidir", "shift")
 #: how k >= 2 modalities are paired: every pair (a < c), or modality 0 against each other one
 GRAPHS = ("complete", "star")
-# Elements of one row block of logits (fp32: 16 MiB per temporary) ...
-_CHUNK_ELEMENTS = 1 << 22
-# ... but at least this many image rows: the chunk is the inner dimension of the text-gradient
-# GEMM (gy += P^T x), which runs well below peak with thin chunks (CPU fp32, B = 16384: 256-row
-# chunks took 35 s a step, 1024-row ones 27 s), unless a block would exceed 64M elements.
-_MIN_CHUNK_ROWS = 1024
-_MAX_CHUNK_ELEMENTS = 1 << 26
-
-
-def auto_chunk_size(n_rows: int, n_cols: int) -> int:
-    """Rows per block: about 4M logits, yet at least 1024 rows while a block stays under 64M logits."""
-    n_cols = max(n_cols, 1)
-    rows = max(_CHUNK_ELEMENTS // n_cols, min(_MIN_CHUNK_ROWS, _MAX_CHUNK_ELEMENTS // n_cols))
-    return max(1, min(n_rows, rows))
-
-
-def _pair_block(x, y, t, b, chunk_size: int, *, py=None, py_overwrite=False, gy=None, want_p_sum=False,
-                diag=False):
-    """One block of pairs (rows of x against rows of y), in row chunks of x; plain tensors, no autograd.
-
-    Returns (loss sum, sum_ij G_ij) where G = dloss/dz: sigmoid(z_ij) for negatives and, with ``diag``
-    (pair i is row i of both), sigmoid(z_ii) - 1 = -sigmoid(-z_ii) for positives; z = t (x y^T - b).
-    Adds G y to ``py`` (or writes it, ``py_overwrite``) and G^T x to ``gy``, both unscaled by t.
-    Positives are summed as softplus(-z_ii) directly, not as softplus(z_ii) - z_ii: no cancellation,
-    and confident positives keep their (small) gradient in float32.
-    Memory: one chunk x m block of logits and a quarter of it for softplus.
-    """
-    total, p_sum = x.new_zeros(()), x.new_zeros(())
-    for lo in range(0, x.shape[0], chunk_size):
-        xc = x[lo:lo + chunk_size]
-        z = torch.mm(xc, y.T).sub_(b).mul_(t)  # t * (S - b), the only block-wide buffer
-        if diag:
-            zd = z.diagonal(lo)  # (i, lo + i): this chunk's positives
-            total += torch.nn.functional.softplus(-zd).sum()
-            g_pos = torch.sigmoid(-zd)
-            zd.fill_(-math.inf)  # softplus and sigmoid of -inf are 0: positives leave the block sums
-        for zp in z.split(-(-z.shape[0] // 4)):  # softplus in quarters of the block
-            total += torch.nn.functional.softplus(zp).sum()
-        if py is None and gy is None and not want_p_sum:
-            continue
-        p = z.sigmoid_()  # in place: z is no longer needed
-        if diag:
-            p.diagonal(lo).copy_(g_pos.neg_())
-        if want_p_sum:
-            p_sum += p.sum()
-        if py is not None:
-            if py_overwrite:
-                torch.mm(p, y, out=py[lo:lo + chunk_size])
-            else:
-                py[lo:lo + chunk_size].addmm_(p, y)
-        if gy is not None:
-            gy.addmm_(p.T, xc)
-    return total, p_sum
-
-
-def _finish(x, t, b, p_sum, py, gy, need_t: bool):
-    """Gradients from the block sums (see _SoftplusPairSum); scales py / gy in place.
-
-    dL/dt = sum G (S - b) = <x, G y> - b sum G: no B x B buffer of S - b is needed, and scaling
-    by t once at the end (instead of G *= t per block) saves a pass over every block.
-    """
-    gt = torch.dot(x.reshape(-1), py.reshape(-1)) - b * p_sum if need_t else x.new_zeros(())
-    gb = -t * p_sum
-    gx = None if py is None else py.mul_(t)
-    if gy is not None:
-        gy = gy.mul_(t)
-    return gx, gy, gt, gb
-
-
-def _prepare(x, y, t, b):
-    acc = _accumulation_dtype(x, y)
-    return x.to(acc), y.to(acc), t.detach().to(acc).reshape(()), b.detach().to(acc).reshape(())  # no copy if acc
-
-
-class _SoftplusPairSum(torch.autograd.Function):
-    """sum_ij softplus(z_ij) [- sum_i z_ii], z = t * (<x_i, y_j> - b): blockwise, gradient formed in forward.
-
-    With G = dL/dz (sigmoid(z) off the diagonal; -sigmoid(-z_ii) on it when ``positives``):
-    dL/dx = t G y, dL/dy = t G^T x, dL/dt = sum G (S - b), dL/db = -t sum G.
-    Only the O((n + m) d) gradients are saved.
-    """
-
-    @staticmethod
-    def forward(ctx, x, y, t, b, chunk_size: int, positives: bool):
-        need_x, need_y, need_t, need_b = ctx.needs_input_grad[:4]
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            x32, y32, t32, b32 = _prepare(x, y, t, b)
-            py = torch.empty_like(x32) if (need_x or need_t) else None  # P y, written block by block
-            gy = torch.zeros_like(y32) if need_y else None  # P^T x
-            total, p_sum = _pair_block(x32, y32, t32, b32, chunk_size, py=py, py_overwrite=True, gy=gy,
-                                       want_p_sum=need_t or need_b, diag=positives)
-            gx, gy, gt, gb = _finish(x32, t32, b32, p_sum, py, gy, need_t)
-        ctx.save_for_backward(gx if need_x else None, gy, gt.reshape(t.shape), gb.reshape(b.shape))
-        ctx.dtypes = (x.dtype, y.dtype, t.dtype, b.dtype)
-        return total
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        gx, gy, gt, gb = ctx.saved_tensors
-        dx, dy, dt, db = ctx.dtypes
-        return (
-            None if gx is None else (gx * grad).to(dx),
-            None if gy is None else (gy * grad).to(dy),
-            (gt * grad).to(dt) if ctx.needs_input_grad[2] else None,
-            (gb * grad).to(db) if ctx.needs_input_grad[3] else None,
-            None,
-            None,
-        )
-
-
-class _Ring:
-    """Where this rank sits and how text blocks travel (open_clip's bidir or shift pattern)."""
-
-    def __init__(self, rank: int, world_size: int, dist_impl: str, owner: SigRelLoss | None = None):
-        self.rank, self.world, self.impl = rank, world_size, dist_impl
-        self.owner = owner  # keeps the deferred upstream-gradient check (SigRelLoss.check_upstream_gradients)
-
-    def peer(self, offset: int) -> int:
-        return (self.rank + offset) % self.world
-
-    def blocks(self, y: torch.Tensor) -> Iterator[tuple[torch.Tensor, int]]:
-        """Yields (texts of rank + offset, offset) for every other rank; no autograd."""
-        from open_clip.loss import neighbour_exchange, neighbour_exchange_bidir
-
-        left, right = self.peer(-1), self.peer(1)
-        if self.impl == "bidir":
-            to_left = to_right = y
-            num_bidir, remainder = divmod(self.world - 1, 2)
-            for i in range(1, num_bidir + 1):
-                from_right, from_left = neighbour_exchange_bidir(left, right, to_left, to_right)
-                to_left = to_right = None  # let the previous blocks go
-                yield from_right, i
-                if i == num_bidir:
-                    from_right = None  # not passed on: the remainder step sends to the right only
-                yield from_left, -i
-                to_left, to_right = from_right, from_left
-                from_right = from_left = None
-            if remainder:
-                to_left = None
-                received = neighbour_exchange(left, right, to_right)
-                to_right = None
-                yield received, -(num_bidir + 1)
-        else:  # shift
-            to_right = y
-            for k in range(1, self.world):
-                to_right = neighbour_exchange(left, right, to_right)
-                yield to_right, -k
-
-
-def _peer_blocks(x, y, t, b, chunk_size: int, ring: _Ring, *, py=None, gy=None, want_p_sum=False,
-                 send_scale=None):
-    """All pairs of this rank's images x with the other ranks' texts; returns (softplus sum, sum P).
-
-    Adds P y to ``py``. The texts' gradient P^T x of each peer block goes back to its owner at once
-    (times ``send_scale``), and what the other ranks computed for this rank's texts is added to
-    ``gy``: no per-peer gradient is kept. Peer blocks run over column groups of the texts, so the
-    gradient travels in slices, and the logits buffer (n x cols) holds at most n x d / 2 elements:
-    the received text blocks already take B x d each, so a smaller buffer keeps a rank's peak near
-    the single-rank one where a chunk of logits is large next to B x d. ``chunk_size`` still
-    bounds it (at most chunk x m elements).
-    """
-    import torch.distributed as dist
-
-    n, m = x.shape[0], y.shape[0]
-    cols = max(1, min(x.shape[1] // 2, (chunk_size * m) // max(n, 1)))
-    group_rows = max(cols, -(-m // 8))  # gradient messages: at most 8 per peer block
-    total, p_sum = x.new_zeros(()), x.new_zeros(())
-    for block, offset in ring.blocks(y):
-        for g0 in range(0, m, group_rows):
-            rows = block[g0:g0 + group_rows]
-            out = torch.zeros_like(rows) if gy is not None else None  # P^T x of these texts
-            for lo in range(0, rows.shape[0], cols):
-                s, ps = _pair_block(x, rows[lo:lo + cols], t, b, n, py=py, want_p_sum=want_p_sum,
-                                    gy=None if out is None else out[lo:lo + cols])
-                total += s
-                p_sum += ps
-            if out is not None:
-                if send_scale is not None:
-                    out.mul_(send_scale)
-                recv = torch.empty_like(out)
-                ops = [dist.P2POp(dist.isend, out, ring.peer(offset)),
-                       dist.P2POp(dist.irecv, recv, ring.peer(-offset))]
-                for req in dist.batch_isend_irecv(ops):
-                    req.wait()
-                gy[g0:g0 + recv.shape[0]].add_(recv)
-    return total, p_sum
-
-
-class _RingPairSum(torch.autograd.Function):
-    """This rank's sum over its images and every rank's texts (positives on the local block).
-
-    The texts travel without autograd (open_clip's bidir / shift exchanges) and each peer block's
-    text gradient is sent back to its owner during the forward pass (_peer_blocks), so a rank keeps
-    two O(B d) gradients whatever the world size; open_clip's autograd exchanges would keep every
-    peer block's gradients until backward. The gradient sent ahead assumes every rank back-propagates
-    its loss with the same upstream gradient (as DDP training does); backward checks that with one
-    all_reduce of two numbers and otherwise recomputes the text gradients, each rank's part scaled
-    by its own upstream gradient. On an accelerator the check is deferred by default (no host read
-    per backward): a mismatch is counted on the device and ``SigRelLoss.check_upstream_gradients``
-    raises. Every rank must call backward, as with open_clip's exchanges.
-    """
-
-    @staticmethod
-    def forward(ctx, x, y, t, b, chunk_size: int, ring: _Ring):
-        need_x, need_y, need_t, need_b = ctx.needs_input_grad[:4]
-        want_p_sum = need_t or need_b
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            x32, y32, t32, b32 = _prepare(x, y, t, b)
-            py = torch.empty_like(x32) if (need_x or need_t) else None
-            gy = torch.zeros_like(y32) if need_y else None
-            total, p_sum = _pair_block(x32, y32, t32, b32, chunk_size, py=py, py_overwrite=True, gy=gy,
-                                       want_p_sum=want_p_sum, diag=True)
-            total_peers, p_sum_peers = _peer_blocks(x32, y32, t32, b32, chunk_size, ring, py=py, gy=gy,
-                                                    want_p_sum=want_p_sum)
-            total = total + total_peers
-            gx, gy, gt, gb = _finish(x32, t32, b32, p_sum + p_sum_peers, py, gy, need_t)
-        ctx.save_for_backward(gx if need_x else None, gy, gt.reshape(t.shape), gb.reshape(b.shape),
-                              x if need_y else None, y if need_y else None, t, b)
-        ctx.dtypes = (x.dtype, y.dtype, t.dtype, b.dtype)
-        ctx.chunk_size, ctx.ring = chunk_size, ring
-        return total
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        gx, gy, gt, gb, x, y, t, b = ctx.saved_tensors
-        dx, dy, dt, db = ctx.dtypes
-        if gy is not None:
-            import torch.distributed as dist
-
-            g = grad.detach().reshape(()).to(torch.float64)
-            extremes = torch.stack([g, -g])
-            dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
-            equal = extremes[0] == -extremes[1]
-            owner = ctx.ring.owner
-            if owner is not None and owner.defers_upstream_check(x.device):
-                # No host read here (a device sync per micro-step on a GPU): assume the DDP case and let
-                # check_upstream_gradients() fail loudly if any rank's upstream gradient differed.
-                owner.note_upstream(equal)
-                gy = gy * grad
-            elif bool(equal):
-                gy = gy * grad
-            else:  # ranks scale their losses differently: recompute, each part with its sender's factor
-                with torch.autocast(device_type=x.device.type, enabled=False):
-                    x32, y32, t32, b32 = _prepare(x, y, t, b)
-                    g32 = grad.detach().to(x32.dtype).reshape(())
-                    gy = torch.zeros_like(y32)
-                    _pair_block(x32, y32, t32, b32, ctx.chunk_size, gy=gy, diag=True)
-                    gy.mul_(g32)
-                    _peer_blocks(x32, y32, t32, b32, ctx.chunk_size, ctx.ring, gy=gy, send_scale=g32)
-                    gy = gy.mul_(t32)
-        return (
-            None if gx is None else (gx * grad).to(dx),
-            None if gy is None else gy.to(dy),
-            (gt * grad).to(dt) if ctx.needs_input_grad[2] else None,
-            (gb * grad).to(db) if ctx.needs_input_grad[3] else None,
-            None,
-            None,
-        )
-
-
-def _accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """float32 at least (bf16/fp16 inputs accumulate in fp32); float64 stays float64."""
-    dtype = torch.float32
-    for t in tensors:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
 
 
 def _as_scalar_tensor(value, like: torch.Tensor, name: str) -> torch.Tensor:
@@ -402,50 +139,6 @@ def multimodal_sigrel_loss(
         for a, c in edges
     )
     return total / len(edges)
-
-
-class _BatchedPairSum(torch.autograd.Function):
-    """R independent sigrel losses on (R, B, d) inputs; gradients formed in forward (they only need
-    sigmoid(logits)), the softplus value only when asked for (it is the slow part on CPU)."""
-
-    @staticmethod
-    def forward(ctx, x, y, t, b, norm: float, compute_value: bool):
-        s = torch.bmm(x, y.transpose(1, 2))
-        d = s - b[:, None, None]
-        z = d * t[:, None, None]
-        if compute_value:  # positives as softplus(-z_ii): no cancellation (see _pair_block)
-            off = z.clone()
-            off.diagonal(dim1=1, dim2=2).fill_(-math.inf)
-            value = (F.softplus(off).sum((1, 2)) + F.softplus(-z.diagonal(dim1=1, dim2=2)).sum(1)) / norm
-            del off
-        else:
-            value = torch.full(t.shape, float("nan"), dtype=z.dtype, device=z.device)
-        p = torch.sigmoid(z)  # d loss / d logits (times norm): sigmoid(z) for negatives,
-        # sigmoid(z) - 1 = -sigmoid(-z) for positives, computed without cancellation (in float32
-        # sigmoid(z) - 1 is exactly 0 once z > ~17, which would silence every confident positive)
-        torch.neg(torch.sigmoid(-z.diagonal(dim1=1, dim2=2)), out=p.diagonal(dim1=1, dim2=2))
-        gt = (p * d).sum((1, 2)) / norm
-        gb = -(t * p.sum((1, 2))) / norm
-        p.mul_((t / norm)[:, None, None])
-        # (d, B) x (B, B) products, transposed back: ~3x faster than (B, B) x (B, d) for small d on CPU
-        gx = torch.bmm(y.transpose(1, 2), p.transpose(1, 2)).transpose(1, 2) if ctx.needs_input_grad[0] else None
-        gy = torch.bmm(x.transpose(1, 2), p).transpose(1, 2) if ctx.needs_input_grad[1] else None
-        ctx.save_for_backward(gx, gy, gt, gb)
-        return value
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        gx, gy, gt, gb = ctx.saved_tensors
-        g3 = grad[:, None, None]
-        return (
-            None if gx is None else gx * g3,
-            None if gy is None else gy * g3,
-            gt * grad if ctx.needs_input_grad[2] else None,
-            gb * grad if ctx.needs_input_grad[3] else None,
-            None,
-            None,
-        )
 
 
 def batched_sigrel_loss(
