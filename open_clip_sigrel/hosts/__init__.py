@@ -20,7 +20,13 @@ def select(oc_main: ModuleType | None = None) -> ModuleType:
 
     installed = check_open_clip_version()
     if oc_main is None:
-        import open_clip_train.main as oc_main
+        try:
+            import open_clip_train.main as oc_main
+        except ModuleNotFoundError as e:  # open_clip_train's data libraries are the [train] extra
+            raise ImportError(
+                f"open_clip_train cannot be imported ({e.name} is missing): install the training extra, "
+                "pip install 'open_clip_sigrel[train]'"
+            ) from e
 
     from open_clip_sigrel.hosts import open_clip3, open_clip4
 
