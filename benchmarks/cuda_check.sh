@@ -11,11 +11,11 @@
 #                 (fp32 and bf16 values and gradients), peak memory at B = 16384, a short amp_bf16 training run;
 #                 output in $OUT/pytest_cuda.txt. Fails if any of its tests is skipped.
 #   bench_loss_fp32, bench_loss_bf16
-#                 open-clip-sigrel bench loss --device cuda --batch $BATCHES --dim 768 --dtype fp32|bf16 --json
+#                 python benchmarks/bench.py loss --device cuda --batch $BATCHES --dim 768 --dtype fp32|bf16 --json
 #                 --output $OUT/bench_loss_<dtype>.json, then a summary that fails if a sigrel measurement
 #                 failed, if another implementation failed for any reason but running out of memory, or if
 #                 sigrel's peak extra memory is not below half of SigLipLoss's (not checked in the dry run)
-#   bench_train   open-clip-sigrel bench train --device cuda --precision amp_bf16 --json
+#   bench_train   python benchmarks/bench.py train --device cuda --precision amp_bf16 --json
 #                 --output $OUT/bench_train.json (the runs' open_clip logs in $OUT/logs/bench_train_runs)
 # Exit status: 0 if every step passed, 1 if any failed (listed at the end and in $OUT/summary.txt),
 # 2 if no CUDA device is visible (only the environment step runs then).
@@ -60,7 +60,7 @@ else
   DEVICE=cuda; DIM=768; BATCHES="${BATCHES:-16384,32768,65536}"; BENCH_TRAIN_STEPS="${BENCH_TRAIN_STEPS:-30}"
   TRAIN_EXTRA=()
 fi
-CLI=("$PYTHON" -m open_clip_sigrel.cli)   # = the open-clip-sigrel command, with this interpreter
+BENCH=("$PYTHON" "$REPO/benchmarks/bench.py")   # the benchmark script (not in the wheel), this interpreter
 
 FAILURES=()
 STEPS=()
@@ -110,7 +110,10 @@ for name in ("open_clip", "open_clip_train", "webdataset", "siglip_kernel", "tri
     except Exception as e:  # noqa: BLE001
         print(name, "NOT IMPORTABLE:", type(e).__name__, e)
 import open_clip_sigrel  # noqa: E402
-from open_clip_sigrel.tools import bench  # noqa: E402
+import importlib.util  # noqa: E402
+spec = importlib.util.spec_from_file_location("bench", os.path.join("benchmarks", "bench.py"))  # a script
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
 print("open_clip-chunked:", bench.open_clip_chunked_support() or "available")
 repo = os.path.realpath(os.getcwd())
 where = os.path.realpath(os.path.dirname(open_clip_sigrel.__file__))
@@ -157,7 +160,7 @@ EOF
 bench_loss() {
   local dtype=$1 json="$OUT/bench_loss_$1.json" rc
   rm -f "$json"
-  limited "${CLI[@]}" bench loss --device "$DEVICE" --batch "$BATCHES" --dim "$DIM" --dtype "$dtype" --json \
+  limited "${BENCH[@]}" loss --device "$DEVICE" --batch "$BATCHES" --dim "$DIM" --dtype "$dtype" --json \
     --output "$json"
   rc=$?
   if [ ! -s "$json" ]; then
@@ -171,7 +174,7 @@ bench_loss() {
 bench_train() {
   local json="$OUT/bench_train.json"
   rm -f "$json"
-  limited "${CLI[@]}" bench train --device "$DEVICE" --precision amp_bf16 --steps "$BENCH_TRAIN_STEPS" \
+  limited "${BENCH[@]}" train --device "$DEVICE" --precision amp_bf16 --steps "$BENCH_TRAIN_STEPS" \
     ${TRAIN_EXTRA[@]+"${TRAIN_EXTRA[@]}"} --logs "$OUT/logs/bench_train_runs" --json --output "$json"
 }
 

@@ -1,21 +1,25 @@
-"""`open-clip-sigrel bench {loss,dist,train}` at tiny sizes: every column is filled and printed.
+"""`python benchmarks/bench.py {loss,dist,train}` at tiny sizes: every column is filled and printed.
 
-bench loss / dist really run (fresh processes, gloo ranks); bench train's open_clip runs take
-minutes on CPU, so its log parsing and aggregation are tested on captured log lines instead.
+bench loss / dist really run as the script (fresh worker processes, gloo ranks), from the checkout
+and from another directory; bench train's open_clip runs take minutes on CPU, so its flags are
+checked with the real training parser and its aggregation on telemetry written by a stub.
 """
 from __future__ import annotations
 
 import inspect
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _benchmarks import BENCH_SCRIPT, load_bench
 from open_clip.loss import SigLipLoss
 
-from open_clip_sigrel.cli import main
-from open_clip_sigrel.tools import bench
+bench = load_bench()
+main = bench.main
+REPO = BENCH_SCRIPT.parents[1]
 
 # open_clip's main branch (not 3.3.0) has SigLipLoss(chunk_size=...); bench loss then compares it too.
 OC_CHUNKED = "chunk_size" in inspect.signature(SigLipLoss).parameters
@@ -24,23 +28,32 @@ LOSS_COLUMNS = ["batch", "dim", "dtype", "impl", "time_ms", "peak_extra_MiB", "t
 DIST_COLUMNS = ["world", "batch", "dim", "impl", "dist_impl", "time_ms", "peak_extra_MiB", "mem_vs_first",
                 "time_vs_first", "mem_ratio"]
 
+
+def _script(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
+    """The benchmark as a user runs it: ``python <path>/bench.py ...`` from ``cwd``."""
+    proc = subprocess.run([sys.executable, str(BENCH_SCRIPT), *argv], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    return proc
+
+
 def _header_and_rows(text: str, columns: list[str]) -> list[list[str]]:
     lines = text.splitlines()
     assert lines[0].split() == columns, lines[0]
+    assert set(lines[1]) == {"-"}, lines[1]  # format_table's rule under the header
     rows = []
-    for line in lines[1:]:
+    for line in lines[2:]:
         if not line.strip():
             break
         rows.append(line.split())
     return rows
 
 
-def test_bench_loss_tiny(tmp_path, capsys):
+def test_bench_loss_tiny(tmp_path):
     out = tmp_path / "loss.json"
-    assert main(["bench", "loss", "--batch", "64,128", "--dim", "16", "--repeats", "2", "--json",
-                 "--output", str(out)]) == 0
-    captured = capsys.readouterr()
-    doc = json.loads(captured.out)
+    captured = _script("loss", "--batch", "64,128", "--dim", "16", "--repeats", "2", "--json", "--output", str(out),
+                       cwd=REPO)
+    doc = json.loads(captured.stdout)
     assert doc == json.loads(out.read_text())
     assert doc["columns"] == LOSS_COLUMNS
     assert [(r["batch"], r["impl"]) for r in doc["rows"]] == [(b, i) for b in (64, 128) for i in LOSS_IMPLS]
@@ -49,7 +62,7 @@ def test_bench_loss_tiny(tmp_path, capsys):
         assert "open_clip-chunked" not in doc["skipped_impls"]
     else:  # skipped, and why
         assert "chunk_size" in doc["skipped_impls"]["open_clip-chunked"]
-        assert "skipped open_clip-chunked:" in captured.err  # --json: the reason goes to stderr
+        assert "skipped open_clip-chunked:" in captured.stderr  # --json: the reason goes to stderr
     assert "cuda" in doc["skipped_impls"]["siglip-kernel"]
     refs = {r["batch"]: r for r in doc["rows"] if r["impl"] == "open_clip"}
     for row in doc["rows"]:
@@ -77,11 +90,12 @@ def test_bench_loss_tiny(tmp_path, capsys):
     assert ("skipped open_clip-chunked:" in table) == (not OC_CHUNKED)
 
 
-def test_bench_dist_tiny(tmp_path, capsys):
+def test_bench_dist_tiny(tmp_path):
+    """From another directory: the worker and its spawned gloo ranks find the script by its path."""
     out = tmp_path / "dist.json"
-    assert main(["bench", "dist", "--world", "1,2", "--batch", "32", "--dim", "16", "--repeats", "1",
-                 "--output", str(out)]) == 0
-    rows = _header_and_rows(capsys.readouterr().out, DIST_COLUMNS)
+    proc = _script("dist", "--world", "1,2", "--batch", "32", "--dim", "16", "--repeats", "1", "--output", str(out),
+                   cwd=tmp_path)
+    rows = _header_and_rows(proc.stdout, DIST_COLUMNS)
     assert [r[:5] for r in rows] == [["1", "32", "16", "sigrel", "bidir"], ["1", "32", "16", "open_clip", "bidir"],
                                      ["2", "32", "16", "sigrel", "bidir"], ["2", "32", "16", "open_clip", "bidir"]]
     # every measurement is there; a ratio may print "-" where a tiny reference peak rounds to 0
@@ -95,16 +109,16 @@ def test_bench_dist_tiny(tmp_path, capsys):
 
 
 def test_bench_rejects_bad_arguments(capsys):
-    assert main(["bench", "loss", "--batch", "64", "--repeats", "0"]) == 2
-    assert main(["bench", "loss", "--batch", "64", "--impls", "sigrel,nope"]) == 2
-    assert main(["bench", "loss", "--batch", "64", "--impls", "siglip-kernel"]) == 2  # CUDA only
-    assert main(["bench", "loss", "--batch", "64", "--chunk-size", "0"]) == 2
+    assert main(["loss", "--batch", "64", "--repeats", "0"]) == 2
+    assert main(["loss", "--batch", "64", "--impls", "sigrel,nope"]) == 2
+    assert main(["loss", "--batch", "64", "--impls", "siglip-kernel"]) == 2  # CUDA only
+    assert main(["loss", "--batch", "64", "--chunk-size", "0"]) == 2
     assert "error" in capsys.readouterr().err
     if not OC_CHUNKED:  # asked for by name where open_clip lacks it: an error naming the reason
-        assert main(["bench", "loss", "--batch", "64", "--impls", "open_clip-chunked"]) == 2
+        assert main(["loss", "--batch", "64", "--impls", "open_clip-chunked"]) == 2
         assert "no chunk_size parameter" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["bench", "loss", "--batch", "0,64"])
+        main(["loss", "--batch", "0,64"])
 
 
 @pytest.mark.parametrize("which", ["loss", "train"])
@@ -118,7 +132,7 @@ def test_bench_device_cuda_without_cuda_fails_before_any_work(which, monkeypatch
     monkeypatch.setattr(bench, "_run_worker", no_work)
     monkeypatch.setattr(bench.subprocess, "run", no_work)
     monkeypatch.setattr("open_clip_sigrel.tools.data.ensure_digits_dataset", no_work)
-    argv = ["bench", "loss", "--batch", "64"] if which == "loss" else ["bench", "train", "--steps", "3"]
+    argv = ["loss", "--batch", "64"] if which == "loss" else ["train", "--steps", "3"]
     assert main([*argv, "--device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert "--device cuda: no CUDA device is available" in err and torch.__version__ in err
@@ -171,17 +185,31 @@ def test_step_times_between_consecutive_steps():
     assert bench.step_times([]) == []
 
 
-def test_train_flags_are_the_same_for_both_losses():
-    flags = bench.train_flags("/d/{0..3}.tar", 7, 64, "sigrel-tiny", "/logs", "run")
-    joined = " ".join(flags)
-    for expected in ("--train-num-samples 448", "--batch-size 64", "--seed 0", "--log-every-n-steps 1",
-                     "--dataset-type webdataset", "--device cpu", "--model sigrel-tiny", "--name run"):
-        assert expected in joined
-    assert "--siglip" not in flags and "--loss" not in flags  # added per run
-    assert "--precision" not in flags  # open_clip's default unless asked
-    cuda = " ".join(bench.train_flags("/d", 7, 64, "sigrel-tiny", "/logs", "run", device="cuda",
-                                      precision="amp_bf16"))
-    assert "--device cuda" in cuda and "--precision amp_bf16" in cuda and "--device cpu" not in cuda
+@pytest.mark.parametrize("device, precision", [("cpu", None), ("cuda", "amp_bf16")])
+def test_train_runs_parse_with_the_training_parser_and_differ_only_in_the_loss(device, precision, tmp_path):
+    """The flags bench train hands open-clip-sigrel-train, read by its real parser (open_clip_train's
+    included): SigLipLoss vs sigrel, and otherwise one and the same run of `steps` steps, one record a step."""
+    from open_clip_sigrel.cli.train import parse_args
+
+    steps, batch = 7, 64
+    runs = {loss: parse_args(bench.train_argv(loss, "/d/{0..3}.tar", steps, batch, "sigrel-tiny", str(tmp_path),
+                                              "run", device=device, precision=precision))
+            for loss in ("siglip", "sigrel")}
+    siglip, sigrel = runs["siglip"], runs["sigrel"]
+    assert siglip.siglip and siglip.loss in (None, "siglip")  # open_clip's own SigLipLoss
+    assert sigrel.loss == "sigrel" and not sigrel.siglip
+    a, b = vars(siglip), vars(sigrel)
+    differ = {k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and not k.startswith("sigrel_")}
+    assert differ == {"siglip", "loss"}, {k: (a.get(k), b.get(k)) for k in differ}
+    for args in runs.values():
+        # one epoch of exactly `steps` full batches; step_times needs a telemetry record at every step
+        assert args.epochs == 1 and args.train_num_samples == steps * batch and args.batch_size == batch
+        assert args.log_every_n_steps == 1 and args.seed == 0 and args.save_frequency == 0
+        assert args.dataset_type == "webdataset" and args.train_data == "/d/{0..3}.tar"
+        assert args.device == device and args.model == "sigrel-tiny"
+        assert (args.logs, args.name) == (str(tmp_path), "run")  # where bench train reads the telemetry
+    default_precision = parse_args(["--train-data", "x"]).precision  # open_clip's default unless asked
+    assert siglip.precision == (precision or default_precision)
 
 
 def test_bench_train_alternates_runs_and_reports_ratio(tmp_path, monkeypatch, capsys):
@@ -211,7 +239,7 @@ def test_bench_train_alternates_runs_and_reports_ratio(tmp_path, monkeypatch, ca
     monkeypatch.setattr(bench.subprocess, "run", fake_run)
     monkeypatch.setattr("open_clip_sigrel.tools.data.ensure_digits_dataset",
                         lambda d: {"train_data": "/nowhere/{0..3}.tar", "train_num_samples": 2048})
-    assert main(["bench", "train", "--steps", "5", "--warmup-steps", "1", "--rounds", "2", "--json"]) == 0
+    assert main(["train", "--steps", "5", "--warmup-steps", "1", "--rounds", "2", "--json"]) == 0
     assert calls == ["siglip", "sigrel", "sigrel", "siglip"]
     doc = json.loads(capsys.readouterr().out)
     siglip, sigrel = doc["rows"]
@@ -232,6 +260,6 @@ def test_bench_train_reports_a_failed_run(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(bench.subprocess, "run", fake_run)
     monkeypatch.setattr("open_clip_sigrel.tools.data.ensure_digits_dataset", lambda d: {"train_data": "x"})
-    assert main(["bench", "train", "--steps", "3", "--rounds", "1"]) == 1
+    assert main(["train", "--steps", "3", "--rounds", "1"]) == 1
     out = capsys.readouterr().out
     assert "failed" in out and "boom" in out

@@ -136,9 +136,10 @@ def test_sigrel_bf16_inputs_match_the_fp64_reference(batch, t, logit_bias):
 
 
 def _peak_extra_bytes(impl: str, batch: int) -> tuple[int, float]:
-    """Extra memory of one forward + backward over its inputs, through bench's own step and meters."""
-    from open_clip_sigrel.tools import bench
+    """Extra memory of one forward + backward over its inputs, through benchmarks/bench.py's step and meters."""
+    from _benchmarks import load_bench
 
+    bench = load_bench()
     device = torch.device(DEVICE)
     step, leaves = bench._loss_step({"impl": impl, "batch": batch, "dim": DIM, "dtype": "fp32"}, device)
     step()  # warm-up: cuBLAS workspaces and the like are not the loss's memory
@@ -168,13 +169,13 @@ def test_sigrel_extra_memory_is_far_below_siglip():
 
 
 def test_bench_loss_runs_on_the_device(capsys):
-    """`open-clip-sigrel bench loss --device cuda` end to end at a small size: workers, meters, ratios."""
-    from open_clip_sigrel.cli import main
+    """`python benchmarks/bench.py loss --device cuda` end to end at a small size: workers, meters, ratios."""
+    from _benchmarks import load_bench
 
     if not ON_CUDA:
         pytest.skip("bench loss --device cuda needs CUDA (its CPU runs are covered by tests/test_bench.py)")
-    assert main(["bench", "loss", "--device", "cuda", "--batch", "1024", "--dim", "64", "--repeats", "2",
-                 "--json"]) == 0
+    assert load_bench().main(["loss", "--device", "cuda", "--batch", "1024", "--dim", "64", "--repeats", "2",
+                              "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["environment"]["memory_method"] == "cuda_max_memory_allocated" and doc["environment"]["gpu"]
     rows = {r["impl"]: r for r in doc["rows"]}

@@ -22,7 +22,7 @@ import open_clip_sigrel
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.name for p in (REPO / "open_clip_sigrel" / "configs").glob("*.json"))
 SCRIPTS = {
-    "open-clip-sigrel": ["make-data", "eval", "synth", "bounds", "demo", "bench"],
+    "open-clip-sigrel": ["make-data", "eval", "synth", "bounds", "demo"],
     "open-clip-sigrel-train": ["--loss", "--sigrel-init-rel-bias", "--train-data"],
 }
 
@@ -60,6 +60,7 @@ def test_sdist_has_sources_and_model_configs(dists):
     assert {f"open_clip_sigrel/configs/{c}" for c in CONFIGS} <= names
     assert {"setup.cfg", "pyproject.toml", "README.md", "open_clip_sigrel/__init__.py",
             "open_clip_sigrel/hosts/plugin.py", "open_clip_sigrel/cli/train.py"} <= names
+    assert {"benchmarks/bench.py", "benchmarks/cuda_check.sh"} <= names  # beside the package, in the source
 
 
 def test_wheel_has_package_configs_and_entry_points(dists):
@@ -70,6 +71,7 @@ def test_wheel_has_package_configs_and_entry_points(dists):
         metadata = whl.read(f"{info}/METADATA").decode()
     assert {f"open_clip_sigrel/configs/{c}" for c in CONFIGS} <= names
     assert {n.split("/")[0] for n in names} == {"open_clip_sigrel", info}  # no tests/, patches/ in the wheel
+    assert not [n for n in names if "bench" in n.rsplit("/", 1)[-1]]  # nor the benchmarks, anywhere
     assert "open-clip-sigrel = open_clip_sigrel.cli:main" in entry_points
     assert "open-clip-sigrel-train = open_clip_sigrel.cli.train:cli" in entry_points
     assert "[open_clip.losses]\nsigrel = open_clip_sigrel.hosts.plugin:sigrel" in entry_points

@@ -15,7 +15,6 @@ COMMANDS = {
     "synth": ("open_clip_sigrel.cli.synth", "rerun the paper's synthetic constellation experiments"),
     "bounds": ("open_clip_sigrel.cli.bounds", "dimension / size bounds for (m, b_rel)-constellations"),
     "demo": ("open_clip_sigrel.cli.demo", "train the tiny model with --siglip and with --loss sigrel, side by side"),
-    "bench": ("open_clip_sigrel.tools.bench", "benchmark the sigrel loss against open_clip's SigLipLoss"),
 }
 
 

@@ -1,15 +1,18 @@
-"""`open-clip-sigrel bench {loss,dist,train}`: time and peak memory of the sigrel loss vs open_clip's.
+"""Time and peak memory of the sigrel loss vs open_clip's (a script beside the package, like timm's benchmark.py).
 
-    open-clip-sigrel bench loss --batch 4096,8192,16384 --dim 768 [--device cuda] [--dtype bf16] [--json]
-    open-clip-sigrel bench dist --world 1,2,4 --batch 2048 --dim 768 [--impl bidir] [--json]
-    open-clip-sigrel bench train [--steps 30] [--device cuda] [--precision amp_bf16] [--json]
+    python benchmarks/bench.py loss --batch 4096,8192,16384 --dim 768 [--device cuda] [--dtype bf16] [--json]
+    python benchmarks/bench.py dist --world 1,2,4 --batch 2048 --dim 768 [--impl bidir] [--json]
+    python benchmarks/bench.py train [--steps 30] [--device cuda] [--precision amp_bf16] [--json]
 
-Every measurement runs in a fresh process, so its peak memory is its own and not what an earlier
-measurement left in the allocator. ``--device cuda`` on a machine without a CUDA device stops with an
-error (exit status 2) before anything runs.
+It runs from any directory (by path) and needs open_clip_sigrel importable (``pip install -e .`` in the
+checkout, or PYTHONPATH=<checkout>); it is not part of the wheel.
+
+Every measurement runs in a fresh process (this script again, with ``--worker``), so its peak memory
+is its own and not what an earlier measurement left in the allocator. ``--device cuda`` on a machine
+without a CUDA device stops with an error (exit status 2) before anything runs.
 
 Implementations compared by bench loss (ratios are against open_clip's SigLipLoss):
-  sigrel             open_clip_sigrel.SigRelLoss, logit_bias = -t * b_rel
+  sigrel             open_clip_sigrel.SigRelLoss, logit_bias from a trainable b_rel (open_clip_sigrel.bias)
   open_clip          open_clip.loss.SigLipLoss() as released (materializes B x B logits)
   open_clip-chunked  SigLipLoss(chunk_size=...) where the installed open_clip has that parameter (open_clip's
                      main branch; no release up to 3.3.0), with sigrel's rows per block; otherwise skipped and
@@ -51,13 +54,17 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from open_clip_sigrel._io import format_table
+from open_clip_sigrel.bias import logit_bias_from_rel_bias
+from open_clip_sigrel.loss import DIST_IMPLS, SigRelLoss, auto_chunk_size
+
 MIB = float(1 << 20)
 LOSS_IMPLS = ("sigrel", "open_clip", "open_clip-chunked", "siglip-kernel")
-DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
 DTYPES = ("fp32", "bf16")
 # Every tensor above 64 KiB gets its own mmap, returned to the OS on free (see the module docstring).
 MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
 _RESULT_PREFIX = "BENCH-RESULT "
+PROG = "bench.py"
 
 
 class BenchArgumentError(ValueError):
@@ -69,7 +76,7 @@ class BenchArgumentError(ValueError):
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``open-clip-sigrel bench {loss,dist,train}``."""
+    """Flags of ``bench.py {loss,dist,train}``."""
     sub = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
@@ -142,15 +149,15 @@ def run(args: argparse.Namespace) -> int:
     """Runs the chosen benchmark; prints a table (or JSON). Returns 0, 1 if a measurement failed, 2 on bad input."""
     for name in ("repeats", "steps", "rounds", "dim", "batch_size", "chunk_size"):
         if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
-            print(f"open-clip-sigrel bench: error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
+            print(f"{PROG}: error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
     if getattr(args, "warmup", 0) < 0 or getattr(args, "warmup_steps", 0) < 0:
-        print("open-clip-sigrel bench: error: warm-up counts must be >= 0", file=sys.stderr)
+        print(f"{PROG}: error: warm-up counts must be >= 0", file=sys.stderr)
         return 2
     try:
         doc = {"loss": bench_loss, "dist": bench_dist, "train": bench_train}[args.bench](args)
     except BenchArgumentError as e:
-        print(f"open-clip-sigrel bench: error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     text = json.dumps(doc, indent=2)
     if args.output:
@@ -158,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(text)
         for impl, reason in doc.get("skipped_impls", {}).items():  # the table prints these itself
-            print(f"open-clip-sigrel bench: skipped {impl}: {reason}", file=sys.stderr)
+            print(f"{PROG}: skipped {impl}: {reason}", file=sys.stderr)
     else:
         print(format_report(doc))
     return 1 if any(row.get("error") for row in doc["rows"]) else 0
@@ -221,7 +228,7 @@ def bench_loss(args: argparse.Namespace) -> dict:
                         "memory_method": env.get("memory_method", "cuda" if args.device == "cuda" else None),
                         "repeats": args.repeats, "warmup": args.warmup, "rounds": args.rounds},
         "notes": "time_ms: median step (forward + backward); peak_extra_MiB: peak memory over the inputs' "
-                 "(see `open-clip-sigrel bench --help` / open_clip_sigrel.tools.bench); time_ratio / mem_ratio: "
+                 "(see the docstring of benchmarks/bench.py); time_ratio / mem_ratio: "
                  "impl / open_clip's SigLipLoss at the same batch.",
     }
 
@@ -243,8 +250,6 @@ def check_device(device: str) -> None:
 
 def effective_chunk_size(batch: int, chunk_size: int | None) -> int:
     """Rows per block that sigrel (and open_clip-chunked, given the same) uses at this batch."""
-    from open_clip_sigrel.loss import auto_chunk_size
-
     return min(chunk_size, batch) if chunk_size else auto_chunk_size(batch, batch)
 
 
@@ -360,14 +365,12 @@ def _loss_step(cfg: dict, device) -> tuple[Callable[[], Any], list]:
     log_t = torch.tensor(math.log(10.0), device=device, requires_grad=True)
     impl = cfg["impl"]
     if impl == "sigrel":
-        from open_clip_sigrel.loss import SigRelLoss
-
         loss_fn = SigRelLoss(chunk_size=cfg.get("chunk_size"))
         b = torch.tensor(1.0, device=device, requires_grad=True)  # the model's trainable b_rel
 
         def forward():
             t = log_t.exp()
-            return loss_fn(img, txt, logit_scale=t, logit_bias=-t * b)
+            return loss_fn(img, txt, logit_scale=t, logit_bias=logit_bias_from_rel_bias(b, t))
     elif impl == "open_clip":
         from open_clip.loss import SigLipLoss
 
@@ -587,14 +590,12 @@ def _dist_step(cfg: dict, rank: int, world: int) -> Callable[[], None]:
                 for _ in range(2))
     log_t = torch.tensor(math.log(10.0), requires_grad=True)
     if cfg["impl"] == "sigrel":
-        from open_clip_sigrel.loss import SigRelLoss
-
         loss_fn = SigRelLoss(rank=rank, world_size=world, dist_impl=cfg["dist_impl"])
         b = torch.tensor(1.0, requires_grad=True)
 
         def forward():
             t = log_t.exp()
-            return loss_fn(img, txt, logit_scale=t, logit_bias=-t * b)
+            return loss_fn(img, txt, logit_scale=t, logit_bias=logit_bias_from_rel_bias(b, t))
     else:
         from open_clip.loss import SigLipLoss
 
@@ -645,9 +646,8 @@ def bench_train(args: argparse.Namespace) -> dict:
             for loss in (losses if r % 2 == 0 else losses[::-1]):
                 name = f"bench-{loss}-r{r}-{os.getpid()}"
                 cmd = [sys.executable, "-m", "open_clip_sigrel.cli.train",
-                       *(["--siglip"] if loss == "siglip" else ["--loss", "sigrel"]),
-                       *train_flags(info["train_data"], args.steps, args.batch_size, args.model, logs, name,
-                                    device=args.device, precision=args.precision)]
+                       *train_argv(loss, info["train_data"], args.steps, args.batch_size, args.model, logs, name,
+                                   device=args.device, precision=args.precision)]
                 t0 = time.perf_counter()
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 wall = time.perf_counter() - t0
@@ -683,10 +683,17 @@ def bench_train(args: argparse.Namespace) -> dict:
     }
 
 
-def train_flags(train_data: str, steps: int, batch_size: int, model: str, logs: str, name: str,
-                device: str = "cpu", precision: str | None = None) -> list[str]:
-    """open_clip_train flags shared by both runs: same data, seed, steps; one log line per step."""
-    return ["--model", model, "--train-data", train_data, "--train-num-samples", str(steps * batch_size),
+#: The only flags in which the two training runs differ.
+TRAIN_LOSS_FLAGS = {"siglip": ["--siglip"], "sigrel": ["--loss", "sigrel"]}
+
+
+def train_argv(loss: str, train_data: str, steps: int, batch_size: int, model: str, logs: str, name: str,
+               device: str = "cpu", precision: str | None = None) -> list[str]:
+    """The open-clip-sigrel-train flags of one run (all of them, defined here only): the loss's own flag, then
+    what both runs share: same data, seed and steps (one epoch of ``steps * batch_size`` samples), one
+    telemetry record per step, no checkpoints."""
+    return [*TRAIN_LOSS_FLAGS[loss],
+            "--model", model, "--train-data", train_data, "--train-num-samples", str(steps * batch_size),
             "--dataset-type", "webdataset", "--batch-size", str(batch_size), "--workers", "1", "--epochs", "1",
             "--lr", "1e-3", "--warmup", "5", "--device", device, "--logs", str(logs), "--name", name,
             "--log-every-n-steps", "1", "--seed", "0", "--save-frequency", "0",
@@ -752,7 +759,7 @@ def _run_worker(kind: str, cfg: dict, extra_env: dict | None = None) -> dict:
 
 def _run_worker_once(kind: str, cfg: dict, extra_env: dict | None) -> dict:
     env = {**os.environ, **(extra_env or {})}
-    cmd = [sys.executable, "-m", "open_clip_sigrel.tools.bench", "--worker", kind, json.dumps(cfg)]
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, json.dumps(cfg)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(_RESULT_PREFIX):
@@ -767,13 +774,13 @@ def _last_lines(text: str, n: int = 3) -> str:
 
 
 def _worker_main(argv: list[str]) -> int:
-    # Through the package module, so that spawned ranks unpickle open_clip_sigrel.tools.bench._dist_rank
-    # rather than a function of __main__.
-    from open_clip_sigrel.tools import bench
-
+    # The worker is this script run as __main__. The gloo ranks that _dist_worker spawns unpickle
+    # __main__._dist_rank: multiprocessing's spawn re-imports the parent's main script by its path (as
+    # __mp_main__, so the `if __name__ == "__main__"` block below does not run again) and resolves
+    # __main__ to it. No package module or sys.path entry is needed.
     kind, cfg = argv[0], json.loads(argv[1])
     try:
-        result = {"loss": bench._loss_worker, "dist": bench._dist_worker}[kind](cfg)
+        result = {"loss": _loss_worker, "dist": _dist_worker}[kind](cfg)
     except Exception as e:  # noqa: BLE001 - reported to the parent as this measurement's error
         if "out of memory" in str(e).lower():
             result = {"error": f"out of memory: {str(e).splitlines()[0]}"}
@@ -784,12 +791,10 @@ def _worker_main(argv: list[str]) -> int:
 
 
 def format_report(doc: dict) -> str:
-    """A fixed-width table of doc['rows'] over doc['columns'], then the environment and failures."""
+    """The table of doc['rows'] over doc['columns'] (the package's format_table), then the environment and
+    failures."""
     cols = doc["columns"]
-    cells = [[_fmt(row.get(c), c, row) for c in cols] for row in doc["rows"]]
-    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths))]
-    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in cells]
+    lines = [format_table(cols, [[_fmt(row.get(c), c, row) for c in cols] for row in doc["rows"]])]
     env = doc.get("environment", {})
     lines.append("")
     lines.append("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
@@ -813,8 +818,16 @@ def _fmt(value: Any, col: str, row: dict) -> str:
     return str(value)
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``bench.py {loss,dist,train} ...`` (and, internally, ``bench.py --worker KIND CONFIG``)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--worker"]:
+        return _worker_main(argv[1:])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    configure_parser(parser)
+    return run(parser.parse_args(argv))
+
+
 if __name__ == "__main__":
-    if len(sys.argv) >= 4 and sys.argv[1] == "--worker":
-        sys.exit(_worker_main(sys.argv[2:]))
-    print("usage: open-clip-sigrel bench {loss,dist,train} ...", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(main())
