@@ -18,8 +18,9 @@ from collections.abc import Iterator
 import torch
 import torch.nn as nn
 
+from open_clip_sigrel.bias import logit_bias_from_rel_bias, rel_bias_from_logit_bias
 from open_clip_sigrel.loss import SigRelLoss
-from open_clip_sigrel.model import enable_rel_bias, has_rel_bias
+from open_clip_sigrel.model import enable_rel_bias, has_rel_bias, sigrel_values
 
 _logger = logging.getLogger("open_clip_sigrel")
 
@@ -67,7 +68,7 @@ class SigrelRun:
             self.model = self.model or out[0]
             return out
         t0, b0 = args.sigrel_init_logit_scale, args.sigrel_init_rel_bias
-        kwargs.update(init_logit_scale=math.log(t0), init_logit_bias=-t0 * b0)
+        kwargs.update(init_logit_scale=math.log(t0), init_logit_bias=logit_bias_from_rel_bias(b0, t0))
         with _record_checkpoint_keys() as seen:
             model, *transforms = original(model_name, pretrained, **kwargs)
         loaded = bool(seen)
@@ -80,7 +81,7 @@ class SigrelRun:
             fixed_rel_bias=args.sigrel_fixed_rel_bias,
             fixed_logit_scale=args.sigrel_fixed_logit_scale,
         )
-        v = model.sigrel_values
+        v = sigrel_values(model)
         _logger.info(
             f"sigrel: t = {v['logit_scale']:.4f}, b_rel = {v['rel_bias']:.4f} (logit_bias = {v['logit_bias']:.4f})"
             + (" from the pretrained checkpoint" if loaded and had_bias else "")
@@ -114,7 +115,7 @@ class SigrelRun:
         with torch.no_grad():
             t = _full(scale).float().exp().reshape(())
             b_rel = _full(rel).float().reshape(()).clone()  # the host reads it after the step
-        return t, -t * b_rel, b_rel
+        return t, logit_bias_from_rel_bias(b_rel, t), b_rel
 
     def _scalar_params(self):
         """(logit_scale, rel_bias) as the optimizer holds them (FSDP2's sharded DTensors), found by name
@@ -139,12 +140,12 @@ class SigrelRun:
             t = math.exp(_local_scalar(model.logit_scale))
             if has_rel_bias(model):
                 b = _local_scalar(model.rel_bias)
-                return {"logit_scale": t, "rel_bias": b, "logit_bias": -t * b}
+                return {"logit_scale": t, "rel_bias": b, "logit_bias": logit_bias_from_rel_bias(b, t)}
             bias = getattr(model, "logit_bias", None)
             if bias is None:
                 return {"logit_scale": t}
             lb = _local_scalar(bias)
-        return {"logit_scale": t, "rel_bias": -lb / t, "logit_bias": lb}
+        return {"logit_scale": t, "rel_bias": rel_bias_from_logit_bias(lb, t), "logit_bias": lb}
 
     def get_clip_metrics(self, original, image_features, text_features, logit_scale, **kwargs):
         metrics = original(image_features=image_features, text_features=text_features, logit_scale=logit_scale,
@@ -284,7 +285,7 @@ class NonFiniteGuard:
                  if steps_per_epoch else "")  # a patched stock loop tells no epoch
         raise FloatingPointError(
             f"non-finite loss at step {step}{where}: "
-            f"t = {t:.6g}, b_rel = {b:.6g}, logit_bias = {-t * b:.6g}. Lower the learning rate, use "
+            f"t = {t:.6g}, b_rel = {b:.6g}, logit_bias = {logit_bias_from_rel_bias(b, t):.6g}. Lower the learning rate, use "
             "--precision amp_bf16 or fp32, or clip gradients (--grad-clip-norm)."
         )
 
@@ -321,7 +322,7 @@ class LossMonitor(nn.Module):
         run.loss_calls += 1
         total = sum(out.values()) if isinstance(out, dict) else out
         t, bias = kwargs["logit_scale"], kwargs.get("logit_bias")
-        b_rel = -bias / t if bias is not None else torch.full_like(t, math.nan)
+        b_rel = rel_bias_from_logit_bias(bias, t) if bias is not None else torch.full_like(t, math.nan)
         step, i = run.step, run.step_in_epoch
         self.guard.observe(total, step, t, b_rel)
         if run.loss_calls % run.args.accum_freq:  # not the step's last micro-batch
