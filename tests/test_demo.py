@@ -55,16 +55,60 @@ def test_json_document_has_both_runs(demo_run):
     assert "[demo siglip]" in err and "[demo sigrel]" in err  # progress goes to stderr
 
 
-def test_runs_differ_only_in_the_loss_flags(demo_run):
-    output, out, _ = demo_run
-    s = json.loads(out)["settings"]
-    a, b = s["argv_siglip"], s["argv_sigrel"]
-    assert a[0] == "--siglip" and b[:2] == ["--loss", "sigrel"]
-    a, b = a[1:], b[2:]
-    name = a.index("--name")
-    assert a[name + 1] == "siglip" and b[name + 1] == "sigrel"
-    assert a[:name] + a[name + 2:] == b[:name] + b[name + 2:]
-    assert "--seed" in a and a[a.index("--precision") + 1] == "fp32"
+# What may differ between the two runs: the loss choice, the run's name, the --sigrel-* settings
+# (filled in for --loss sigrel only) and paths that contain the run's name.
+LOSS_KEYS = {"loss", "siglip", "name"}
+
+
+def _differing(a: dict, b: dict) -> set[str]:
+    return {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
+
+
+def test_built_argv_parses_to_the_intended_runs(digits_data, tmp_path):
+    """The demo's argv, read by the real training parser: one loss each, the same data, schedule and init."""
+    from open_clip_sigrel.cli.train import parse_args
+
+    config = demo.DemoConfig(epochs=3, batch_size=16, lr=2e-3, warmup=7, wd=0.1, seed=5, workers=0)
+    parsed = {name: parse_args(demo.training_argv(flags, digits_data, config, logs=tmp_path, name=name))
+              for name, flags, _ in demo.RUNS}
+    sig, rel = vars(parsed["siglip"]), vars(parsed["sigrel"])
+    assert sig["siglip"] is True and sig["loss"] in (None, "siglip")
+    assert rel["loss"] == "sigrel" and rel["siglip"] is False
+    # --loss sigrel starts where open_clip's --siglip starts: t0 = 10, logit_bias0 = -10 (b_rel0 = 1).
+    assert (rel["sigrel_init_logit_scale"], rel["sigrel_init_rel_bias"]) == (10.0, 1.0)
+    assert not rel["sigrel_fixed_rel_bias"] and not rel["sigrel_fixed_logit_scale"]
+    for args in (sig, rel):
+        assert (args["train_data"], args["val_data"]) == (digits_data["train_data"], digits_data["val_data"])
+        assert (args["train_num_samples"], args["val_num_samples"]) == (512, 128)
+        assert args["dataset_type"] == "webdataset" and args["model"] == "sigrel-tiny"
+        assert (args["epochs"], args["batch_size"], args["lr"], args["warmup"], args["wd"], args["seed"],
+                args["workers"]) == (3, 16, 2e-3, 7, 0.1, 5, 0)
+        assert (args["precision"], args["device"], args["logs"]) == ("fp32", "cpu", str(tmp_path))
+    assert (sig["name"], rel["name"]) == ("siglip", "sigrel")
+    assert LOSS_KEYS <= _differing(sig, rel) <= LOSS_KEYS | {k for k in rel if k.startswith("sigrel_")}
+
+
+def _params(run_dir) -> dict[str, str]:
+    """open_clip's own record of a run's settings (params.txt: 'key: value' per line)."""
+    lines = (run_dir / "params.txt").read_text().splitlines()
+    return dict(line.split(": ", 1) for line in lines if ": " in line)
+
+
+def test_runs_trained_alike_but_for_the_loss(demo_run):
+    """What open_clip actually ran: the same settings but the loss, and both from t = 10, b_rel = 1."""
+    output, _, _ = demo_run
+    runs = output / "runs"
+    sig, rel = _params(runs / "siglip"), _params(runs / "sigrel")
+    assert sig["siglip"] == "True" and rel["loss"] == "sigrel" and rel["siglip"] == "False"
+    assert (sig["name"], rel["name"]) == ("siglip", "sigrel")
+    differing = {k for k in _differing(sig, rel) if sig.get(k, "").replace("siglip", "sigrel") != rel.get(k)}
+    assert {"loss", "siglip"} <= differing <= LOSS_KEYS | {k for k in rel if k.startswith("sigrel_")}, differing
+    assert sig["precision"] == "fp32" and sig["batch_size"] == "32" and sig["train_num_samples"] == "128"
+    for name in ("siglip", "sigrel"):
+        first = demo.train_records(runs / name)[0]  # after one step at lr / warmup: barely moved
+        assert first["logit_scale"] == pytest.approx(10.0, rel=2e-3), name
+        assert first["rel_bias"] == pytest.approx(1.0, abs=2e-3), name
+        assert first["logit_bias"] == pytest.approx(-first["logit_scale"] * first["rel_bias"], rel=1e-4), name
 
 
 def test_table_prints_both_rows(demo_run):

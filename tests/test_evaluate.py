@@ -191,6 +191,23 @@ def _bad_cases(env, tmp: Path):
     np.savez(tmp / "shapes.npz", image=rng.normal(size=(5, 3)), text=rng.normal(size=(4, 3)))
     state = torch.load(env["ckpt"], weights_only=True)
     torch.save({**state, "args": _Opaque()}, tmp / "pickled_ckpt.pt")
+    torch.save({"image": torch.zeros(4, 3), "text": torch.zeros(4, 3), "meta": _Opaque()}, tmp / "legacy.pt",
+               _use_new_zipfile_serialization=False)
+    (tmp / "garbage.pt").write_bytes(b"not a torch file " * 10)
+    cut = tmp / "cut"
+    cut.mkdir()
+    _write_tar(cut / "0.tar", _samples(0, 2))
+    with tarfile.open(cut / "0.tar") as tf:
+        last = tf.getmembers()[-1]
+    with open(cut / "0.tar", "r+b") as f:  # cut inside the last member's data
+        f.truncate(last.offset_data + last.size // 2)
+    badimg = tmp / "badimg"
+    badimg.mkdir()
+    _write_tar(badimg / "0.tar", _samples(0, 1) + [("000001", {"png": b"not a png", "txt": b"caption"})])
+    nocol = tmp / "nocol.tsv"
+    nocol.write_text("path\ttitle\nx.png\tcap\n")
+    noimg = tmp / "noimg.tsv"
+    noimg.write_text(f"filepath\ttitle\n{tmp / 'nowhere.png'}\tcap\n")
     return [
         ("missing shard", _model_args(env, "--data", f"{shards}/{{0..3}}.tar"), f"missing shard: {shards}/3.tar"),
         ("corrupt shard", _model_args(env, "--data", f"{corrupt}/{{0..1}}.tar"),
@@ -203,13 +220,23 @@ def _bad_cases(env, tmp: Path):
          f"checkpoint {env['wide']} does not fit the architecture of model 'geomtest-tiny'"),
         ("pickled checkpoint", ["eval", "--model", "geomtest-tiny", "--model-config", str(env["cfg"]), "--pretrained",
                                 str(tmp / "pickled_ckpt.pt"), "--device", "cpu", "--data", f"{shards}/0.tar"],
-         "would need unpickling (GLOBAL test_evaluate._Opaque)"),
+         "would need unpickling (test_evaluate._Opaque)"),
         ("npz without arrays", ["eval", "--embeddings", str(tmp / "noarrays.npz")],
          "lacks 'image' and 'text'; it has keys: img, txt"),
         ("pickled npz", ["eval", "--embeddings", str(tmp / "pickled.npz")], "holds pickled objects"),
         ("pickled pt", ["eval", "--embeddings", str(tmp / "pickled.pt")], "would need unpickling"),
         ("mismatched shapes", ["eval", "--embeddings", str(tmp / "shapes.npz")], "same shape"),
         ("no source", ["eval"], "exactly one of --data"),
+        ("truncated shard", _model_args(env, "--data", f"{cut}/0.tar"),
+         f"corrupt or unreadable shard {cut}/0.tar: ReadError: unexpected end"),
+        # the bad sample is found in a worker process and reported as it is
+        ("corrupt image", _model_args(env, "--data", f"{badimg}/0.tar", "--workers", "1"),
+         f"corrupt sample '000001' in {badimg}/0.tar: its .png is not a readable image"),
+        ("csv without the column", _model_args(env, "--data", str(nocol)), "has no column 'filepath' (--csv-img-key)"),
+        ("csv image missing", _model_args(env, "--data", str(noimg)),
+         f"row 0: image file not found: {tmp / 'nowhere.png'}"),
+        ("legacy pickled pt", ["eval", "--embeddings", str(tmp / "legacy.pt")], "would need unpickling"),
+        ("not a torch file", ["eval", "--embeddings", str(tmp / "garbage.pt")], "cannot read"),
     ]
 
 
@@ -222,3 +249,17 @@ def test_bad_inputs_fail_cleanly(env, tmp_path, capsys):
         assert "error: " in err and fragment in err, (name, err)
         assert not out.exists(), name
         assert not list(tmp_path.glob(f".{out.name}.*")), name
+
+
+def test_precision_uses_open_clips_autocast(env, tmp_path, capsys):
+    """--precision amp_bf16 encodes under open_clip's bfloat16 autocast: close to fp32, not bit-equal."""
+    shards = f"{env['shards']}/{{0..2}}.tar"
+    metrics = {}
+    for precision in ("fp32", "amp_bf16"):
+        out = tmp_path / f"{precision}.json"
+        rc = main(_model_args(env, "--data", shards, "--precision", precision, "--output", str(out)))
+        assert rc == 0, capsys.readouterr().err
+        metrics[precision] = json.loads(out.read_text())["metrics"]
+    fp32, bf16 = metrics["fp32"]["margin_mean"], metrics["amp_bf16"]["margin_mean"]
+    assert bf16 != fp32 and bf16 == pytest.approx(fp32, abs=2e-2)
+    assert metrics["amp_bf16"]["n_pairs"] == 12

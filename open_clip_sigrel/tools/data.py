@@ -18,35 +18,39 @@ Layout written by :func:`make_digits_dataset` (all under ``output_dir``)::
                                columns filepath, title = open_clip's CSV defaults)
     info.json                  the dict returned by make_digits_dataset
 
-``open-clip-sigrel make-data --output DIR`` is the CLI front end (``configure_parser``/``run``).
+``open-clip-sigrel make-data --output DIR`` is the command line (open_clip_sigrel.cli.data); the
+settings and their defaults are the fields of :class:`DigitsConfig`. Needs the ``data`` extra
+(scikit-learn for the digits, Pillow for the PNGs).
 """
 from __future__ import annotations
 
-import argparse
 import csv as csv_module
+import dataclasses
 import io
 import json
 import math
 import os
 import shutil
-import sys
 import tarfile
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image
 
-__all__ = ["make_digits_dataset", "ensure_digits_dataset", "configure_parser", "run"]
+from open_clip_sigrel._optional import require
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+__all__ = ["DigitsConfig", "make_digits_dataset", "ensure_digits_dataset"]
 
 DIGIT_SIZE = 8  # sklearn digits are 8x8
 DIGIT_MAX = 16  # sklearn digit intensities are integers 0..16
 # 10**18 < 2**63: digit sequences are drawn as int64 codes.
 MAX_DIGITS_PER_IMAGE = 18
 SPLITS = ("train", "val")
-# Parameters that define the content; ensure_digits_dataset reuses a dataset only if all match.
-_PARAM_KEYS = ("train_num_samples", "val_num_samples", "digits_per_image", "image_size", "shard_size", "seed")
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -58,22 +62,49 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
     return int(value)
 
 
-def _validate(n_train: Any, n_val: Any, digits_per_image: Any, image_size: Any, shard_size: Any,
-              seed: Any) -> tuple[int, int, int, int, int, int]:
-    n_train = _check_int("n_train", n_train, 1)
-    n_val = _check_int("n_val", n_val, 0)
-    k = _check_int("digits_per_image", digits_per_image, 1)
-    if k > MAX_DIGITS_PER_IMAGE:
-        raise ValueError(f"digits_per_image must be <= {MAX_DIGITS_PER_IMAGE}, got {k}")
-    image_size = _check_int("image_size", image_size, 1)
-    shard_size = _check_int("shard_size", shard_size, 1)
-    seed = _check_int("seed", seed, 0)
-    if n_train + n_val > 10**k:
-        raise ValueError(
-            f"n_train + n_val = {n_train + n_val} exceeds the {10**k} distinct captions possible with "
-            f"digits_per_image={k} (captions must be unique); lower the counts or raise digits_per_image"
-        )
-    return n_train, n_val, k, image_size, shard_size, seed
+@dataclass(frozen=True)
+class DigitsConfig:
+    """What defines a digit-mosaic dataset; the defaults of the functions below and of ``make-data``.
+
+    Checked on construction (ValueError naming the setting): counts are integers, captions stay
+    unique (``n_train + n_val <= 10 ** digits_per_image``).
+    """
+
+    n_train: int = field(default=2048, metadata={"help": "number of training samples"})
+    n_val: int = field(default=512, metadata={"help": "number of validation samples (0: no val split)"})
+    digits_per_image: int = field(default=4, metadata={
+        "help": "digits per mosaic (square grid, row-major); captions are unique, so "
+                "n-train + n-val must be <= 10**digits-per-image"})
+    image_size: int = field(default=32, metadata={"help": "side of the square RGB output images, pixels"})
+    shard_size: int = field(default=512, metadata={"help": "samples per webdataset shard (.tar)"})
+    seed: int = field(default=0, metadata={"help": "random seed; the dataset is deterministic for a seed"})
+    csv: bool = field(default=True, metadata={
+        "help": "write only webdataset shards, not the PNG files and tab-separated CSVs"})
+
+    def __post_init__(self) -> None:
+        for name, minimum in (("n_train", 1), ("n_val", 0), ("digits_per_image", 1), ("image_size", 1),
+                              ("shard_size", 1), ("seed", 0)):
+            object.__setattr__(self, name, _check_int(name, getattr(self, name), minimum))
+        k = self.digits_per_image
+        if k > MAX_DIGITS_PER_IMAGE:
+            raise ValueError(f"digits_per_image must be <= {MAX_DIGITS_PER_IMAGE}, got {k}")
+        if self.n_train + self.n_val > 10**k:
+            raise ValueError(
+                f"n_train + n_val = {self.n_train + self.n_val} exceeds the {10**k} distinct captions possible "
+                f"with digits_per_image={k} (captions must be unique); lower the counts or raise digits_per_image"
+            )
+        object.__setattr__(self, "csv", bool(self.csv))
+
+    def info_params(self) -> dict:
+        """The content-defining settings under their info.json names (what a cached dataset must match)."""
+        return {"train_num_samples": self.n_train, "val_num_samples": self.n_val,
+                "digits_per_image": self.digits_per_image, "image_size": self.image_size,
+                "shard_size": self.shard_size, "seed": self.seed}
+
+
+def _config(config: DigitsConfig | None, options: dict) -> DigitsConfig:
+    """``config`` (default: DigitsConfig()) with keyword overrides; TypeError on an unknown name."""
+    return dataclasses.replace(config if config is not None else DigitsConfig(), **options)
 
 
 def _grid_side(k: int) -> int:
@@ -83,7 +114,8 @@ def _grid_side(k: int) -> int:
 
 def _load_digits() -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 [N, 8, 8] scaled to 0..255, labels int64 [N]) from the sklearn wheel; no download."""
-    from sklearn.datasets import load_digits  # imported lazily: sklearn import is slow
+    require("sklearn", "data")  # imported when used: an extra, and slow to import
+    from sklearn.datasets import load_digits
 
     digits = load_digits()
     images = np.rint(np.asarray(digits.images, dtype=np.float64) * (255.0 / DIGIT_MAX)).astype(np.uint8)
@@ -104,6 +136,9 @@ def _draw_samples(n: int, k: int, labels: np.ndarray, rng: np.random.Generator) 
 
 def _mosaic(cells: np.ndarray, image_size: int) -> Image.Image:
     """Tile K 8x8 uint8 digits row-major on a square grid (empty cells black), resize, make RGB."""
+    require("PIL", "data")
+    from PIL import Image
+
     k = len(cells)
     side = _grid_side(k)
     canvas = np.zeros((side * DIGIT_SIZE, side * DIGIT_SIZE), dtype=np.uint8)
@@ -193,31 +228,22 @@ def _info_matches(info: dict | None, output_dir: Path, params: dict, csv: bool) 
             and (train_dir / "0.tar").is_file() and (train_dir / "nshards.txt").is_file())
 
 
-def make_digits_dataset(
-    output_dir: str | os.PathLike,
-    *,
-    n_train: int = 2048,
-    n_val: int = 512,
-    digits_per_image: int = 4,
-    image_size: int = 32,
-    shard_size: int = 512,
-    seed: int = 0,
-    csv: bool = True,
-    overwrite: bool = False,
-) -> dict:
+def make_digits_dataset(output_dir: str | os.PathLike, config: DigitsConfig | None = None, *,
+                        overwrite: bool = False, **options: Any) -> dict:
     """Write the digit-mosaic dataset (webdataset shards, optional CSV) and return its description.
 
-    Deterministic for a given seed. Everything is written into a temporary sibling directory and
-    renamed into place at the end, so an interrupted run never leaves a dataset that looks complete.
-    A non-empty ``output_dir`` is refused unless ``overwrite=True``.
+    The settings are ``config`` (default ``DigitsConfig()``) with any of its fields given as keyword
+    ``options`` on top (``make_digits_dataset(path, n_train=40, csv=False)``). Deterministic for a
+    given seed. Everything is written into a temporary sibling directory and renamed into place at the
+    end, so an interrupted run never leaves a dataset that looks complete. A non-empty ``output_dir``
+    is refused (FileExistsError) unless ``overwrite=True``.
 
     Returns a dict with ``train_data`` / ``val_data`` (brace-expanded shard specs for
     ``--train-data`` / ``--val-data``; ``val_data`` is None when ``n_val == 0``), ``train_csv`` /
     ``val_csv`` (None without csv), ``train_num_samples``, ``val_num_samples``, ``digits_per_image``,
     ``image_size``, ``seed`` and ``shard_size``; the same dict is saved as ``output_dir/info.json``.
     """
-    n_train, n_val, k, image_size, shard_size, seed = _validate(
-        n_train, n_val, digits_per_image, image_size, shard_size, seed)
+    cfg = _config(config, options)
     output_dir = Path(output_dir).expanduser().absolute()
     for bad in ("{", "}", "::", "\t", "\n"):
         # Braces and '::' have meaning in webdataset shard specs; tabs/newlines would break the CSV.
@@ -229,33 +255,23 @@ def make_digits_dataset(
         raise FileExistsError(f"output directory is not empty: {output_dir} (pass overwrite=True / --overwrite)")
 
     images, labels = _load_digits()
-    rng = np.random.default_rng(seed)
-    n = n_train + n_val
-    seqs, sources = _draw_samples(n, k, labels, rng)
+    rng = np.random.default_rng(cfg.seed)
+    n_train, n = cfg.n_train, cfg.n_train + cfg.n_val
+    seqs, sources = _draw_samples(n, cfg.digits_per_image, labels, rng)
     captions = ["digits " + " ".join(str(d) for d in row) for row in seqs.tolist()]
-    pngs = [_png_bytes(_mosaic(images[src], image_size)) for src in sources]
+    pngs = [_png_bytes(_mosaic(images[src], cfg.image_size)) for src in sources]
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_root = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
     try:
         train_data, train_csv = _write_split(
-            tmp_root, output_dir, "train", pngs[:n_train], captions[:n_train], shard_size, csv)
+            tmp_root, output_dir, "train", pngs[:n_train], captions[:n_train], cfg.shard_size, cfg.csv)
         val_data = val_csv = None
-        if n_val:
+        if cfg.n_val:
             val_data, val_csv = _write_split(
-                tmp_root, output_dir, "val", pngs[n_train:], captions[n_train:], shard_size, csv)
-        info = {
-            "train_data": train_data,
-            "val_data": val_data,
-            "train_csv": train_csv,
-            "val_csv": val_csv,
-            "train_num_samples": n_train,
-            "val_num_samples": n_val,
-            "digits_per_image": k,
-            "image_size": image_size,
-            "seed": seed,
-            "shard_size": shard_size,
-        }
+                tmp_root, output_dir, "val", pngs[n_train:], captions[n_train:], cfg.shard_size, cfg.csv)
+        info = {"train_data": train_data, "val_data": val_data, "train_csv": train_csv, "val_csv": val_csv,
+                **cfg.info_params()}
         (tmp_root / "info.json").write_text(json.dumps(info, indent=2) + "\n")
         os.chmod(tmp_root, 0o755)  # mkdtemp makes it 0700
         _publish(tmp_root, output_dir, overwrite)
@@ -281,73 +297,26 @@ def _publish(tmp_root: Path, output_dir: Path, overwrite: bool) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def ensure_digits_dataset(output_dir: str | os.PathLike, **kw: Any) -> dict:
-    """Return ``output_dir/info.json`` if it describes a dataset built with the same parameters, else build.
+def ensure_digits_dataset(output_dir: str | os.PathLike, config: DigitsConfig | None = None, *,
+                          overwrite: bool = False, **options: Any) -> dict:
+    """Return ``output_dir/info.json`` if it describes a dataset built with the same settings, else build.
 
     Used as a cache by the demo, quick start and tests. A directory that already holds a digits
-    dataset (it has a readable info.json) but with other parameters is rebuilt in place; any other
-    non-empty directory is refused unless ``overwrite=True``. Keyword arguments are those of
+    dataset (it has a readable info.json) but with other settings is rebuilt in place; any other
+    non-empty directory is refused unless ``overwrite=True``. Arguments are those of
     :func:`make_digits_dataset`.
     """
-    defaults = {"n_train": 2048, "n_val": 512, "digits_per_image": 4, "image_size": 32, "shard_size": 512,
-                "seed": 0, "csv": True, "overwrite": False}
-    unknown = set(kw) - set(defaults)
-    if unknown:
-        raise TypeError(f"unexpected keyword arguments: {sorted(unknown)}")
-    opts = {**defaults, **kw}
-    n_train, n_val, k, image_size, shard_size, seed = _validate(
-        opts["n_train"], opts["n_val"], opts["digits_per_image"], opts["image_size"], opts["shard_size"],
-        opts["seed"])
-    params = dict(zip(_PARAM_KEYS, (n_train, n_val, k, image_size, shard_size, seed)))
+    cfg = _config(config, options)
+    params = cfg.info_params()
     path = Path(output_dir).expanduser().absolute()
     info = _read_info(path)
-    if _info_matches(info, path, params, bool(opts["csv"])):
+    if _info_matches(info, path, params, cfg.csv):
         return info
-    overwrite = bool(opts.pop("overwrite")) or info is not None
     try:
-        return make_digits_dataset(path, **opts, overwrite=overwrite)
+        return make_digits_dataset(path, cfg, overwrite=overwrite or info is not None)
     except FileExistsError:
         # A concurrent caller may have built the same dataset between our check and our rename.
         info = _read_info(path)
-        if _info_matches(info, path, params, bool(opts["csv"])):
+        if _info_matches(info, path, params, cfg.csv):
             return info
         raise
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``open-clip-sigrel make-data``."""
-    parser.add_argument("--output", required=True, help="directory to create (train/, val/, images/, *.csv, info.json)")
-    parser.add_argument("--n-train", type=int, default=2048, help="number of training samples")
-    parser.add_argument("--n-val", type=int, default=512, help="number of validation samples (0: no val split)")
-    parser.add_argument("--digits-per-image", type=int, default=4,
-                        help="digits per mosaic (square grid, row-major); captions are unique, so "
-                             "n-train + n-val must be <= 10**digits-per-image")
-    parser.add_argument("--image-size", type=int, default=32, help="side of the square RGB output images, pixels")
-    parser.add_argument("--shard-size", type=int, default=512, help="samples per webdataset shard (.tar)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed; the dataset is deterministic for a seed")
-    parser.add_argument("--no-csv", action="store_true",
-                        help="write only webdataset shards, not the PNG files and tab-separated CSVs")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output directory")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Build the dataset from parsed CLI args; print a summary. Returns 0, or 2 on bad input."""
-    try:
-        info = make_digits_dataset(
-            args.output, n_train=args.n_train, n_val=args.n_val, digits_per_image=args.digits_per_image,
-            image_size=args.image_size, shard_size=args.shard_size, seed=args.seed, csv=not args.no_csv,
-            overwrite=args.overwrite,
-        )
-    except (ValueError, FileExistsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {info['train_num_samples']} train + {info['val_num_samples']} val digit mosaics "
-          f"({info['digits_per_image']} digits, {info['image_size']}x{info['image_size']} RGB) "
-          f"to {Path(info['train_data']).parent.parent}")
-    print(f"  --train-data '{info['train_data']}' --train-num-samples {info['train_num_samples']}")
-    if info["val_data"]:
-        print(f"  --val-data '{info['val_data']}' --val-num-samples {info['val_num_samples']}")
-    if info["train_csv"]:
-        print(f"  csv: --dataset-type csv --train-data {info['train_csv']}"
-              + (f" --val-data {info['val_csv']}" if info["val_csv"] else ""))
-    return 0

@@ -9,8 +9,9 @@ logits (t0 = 10, logit_bias0 = -10, i.e. b_rel0 = 1). Only the loss differs:
 * ``--loss sigrel``  the relative-bias loss, logits = t * (s - b_rel) with b_rel trainable.
 
 Afterwards the demo reads each run's last evaluation (open_clip's ``results.jsonl``, with the
-plugin's geometry metrics) and its last 'Train Epoch' log lines, prints a table (or one JSON
-document with ``--json``), writes plots, and says in two sentences what the numbers show.
+plugin's geometry metrics) and its per-step training telemetry, writes plots, and returns a summary
+that says in two sentences what the numbers show; ``open-clip-sigrel demo`` (open_clip_sigrel.cli.demo)
+prints it as a table or, with ``--json``, as one JSON document.
 
 Layout under ``--output`` (default ``./sigrel_demo``)::
 
@@ -22,8 +23,8 @@ Layout under ``--output`` (default ``./sigrel_demo``)::
     <name>_curves.png             open_clip_sigrel.tools.plots.plot_training_curves of each run
     summary.json                  what ``--json`` prints
 
-Defaults (batch 32, lr 1e-3, warmup 100 steps, 6 epochs of 64 steps, fp32) were chosen so that both
-runs leave the collapsed start and reach a val R@1 far above chance (1/512; about 0.16-0.20 both ways
+The defaults (:class:`DemoConfig`: batch 32, lr 1e-3, warmup 100 steps, 6 epochs of 64 steps; fp32)
+were chosen so that both runs leave the collapsed start and reach a val R@1 far above chance (1/512; about 0.16-0.20 both ways
 after 6 epochs) in a few CPU minutes. The SigLIP start b_rel0 = 1 is meant for batches of ~32k: at
 batch 32 the first steps pull all similarities up together until every pair scores alike (train
 loss plateau ~4.45 = min over z of softplus(-z) + 31 softplus(z)) and the features separate only
@@ -33,7 +34,7 @@ autocast on CPU and did not learn either).
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import math
 import os
@@ -41,22 +42,29 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from open_clip_sigrel._io import format_table as _format_table
+from open_clip_sigrel._io import read_jsonl
+from open_clip_sigrel._optional import require
+from open_clip_sigrel.bias import rel_bias_from_logit_bias
 from open_clip_sigrel.hosts.common import TELEMETRY_FILE, read_telemetry
+from open_clip_sigrel.hosts.options import DEFAULT_INIT_LOGIT_SCALE, DEFAULT_INIT_REL_BIAS
+from open_clip_sigrel.tools.data import DigitsConfig, ensure_digits_dataset
 
 __all__ = [
-    "DEFAULTS",
+    "DemoConfig",
+    "DemoRunError",
     "RUNS",
-    "configure_parser",
-    "run",
     "run_demo",
     "training_argv",
     "train_records",
     "summarize_run",
     "format_table",
     "interpret",
+    "plot_comparison",
 ]
 
 MODEL = "sigrel-tiny"
@@ -65,19 +73,49 @@ RUNS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("siglip", ("--siglip",), "--siglip"),
     ("sigrel", ("--loss", "sigrel"), "--loss sigrel"),
 )
-DEFAULTS: dict[str, Any] = {
-    "epochs": 6,
-    "batch_size": 32,
-    "lr": 1e-3,
-    "warmup": 100,
-    "wd": 0.2,
-    "seed": 0,
-    "n_train": 2048,
-    "n_val": 512,
-    "workers": 1,
-}
-#: Starting logits shared by both runs (open_clip's --siglip init): t0 and b_rel0 = -logit_bias0 / t0.
-INIT_T, INIT_REL_BIAS = 10.0, 1.0
+#: Starting logits shared by both runs: open_clip's --siglip init (t0 = 10, logit_bias0 = -10), which is
+#: also the training entry's default for --loss sigrel (b_rel0 = -logit_bias0 / t0 = 1).
+INIT_T, INIT_REL_BIAS = DEFAULT_INIT_LOGIT_SCALE, DEFAULT_INIT_REL_BIAS
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Settings of the demo: the defaults of :func:`run_demo` and of ``open-clip-sigrel demo``'s flags."""
+
+    output: str = field(default="sigrel_demo", metadata={
+        "help": "folder for the runs, plots and summary (created; earlier demo runs in it are replaced)"})
+    data_dir: str | None = field(default=None, metadata={
+        "help": "dataset cache (built on first use, reused afterwards); default: OUTPUT/data"})
+    epochs: int = field(default=6, metadata={"help": "training epochs of each run"})
+    batch_size: int = field(default=32, metadata={"help": "batch size of each run"})
+    lr: float = field(default=1e-3, metadata={
+        "help": "learning rate (open_clip uses it for the weights, log t and the bias alike)"})
+    warmup: int = field(default=100, metadata={"help": "linear warmup steps (then cosine decay)"})
+    wd: float = field(default=0.2, metadata={"help": "weight decay (open_clip's; not on t / biases)"})
+    seed: int = field(default=0, metadata={"help": "training seed, the same for both runs"})
+    n_train: int = field(default=2048, metadata={"help": "training samples (digit mosaics)"})
+    n_val: int = field(default=512, metadata={"help": "validation samples (retrieval among these)"})
+    workers: int = field(default=1, metadata={"help": "data loader workers per run"})
+
+    def check(self) -> None:
+        """ValueError naming the flag of the first setting that cannot train."""
+        if self.epochs < 1:
+            raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 2:
+            raise ValueError(f"--batch-size must be >= 2 (a contrastive batch needs negatives), got {self.batch_size}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"--lr must be a positive number, got {self.lr}")
+        if self.warmup < 0:
+            raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
+        if not (math.isfinite(self.wd) and self.wd >= 0):
+            raise ValueError(f"--wd must be >= 0, got {self.wd}")
+        if self.n_train < self.batch_size:
+            raise ValueError(f"--n-train ({self.n_train}) must be at least --batch-size ({self.batch_size})")
+        if self.n_val < 2:
+            raise ValueError(f"--n-val must be >= 2 (retrieval needs candidates), got {self.n_val}")
+        if self.workers < 0:
+            raise ValueError(f"--workers must be >= 0, got {self.workers}")
+
 
 # Rows of the table: (key in a run's summary, label).
 TABLE_ROWS: tuple[tuple[str, str], ...] = (
@@ -101,100 +139,30 @@ EVAL_KEYS = (
     "gap_l2m", "linear_separability", "xi", "sigmoid_loss", "clip_val_loss",
 )
 
-# ------------------------------------------------------------------------------------------ CLI
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``open-clip-sigrel demo``."""
-    d = DEFAULTS
-    parser.add_argument("--output", default="sigrel_demo",
-                        help="folder for the runs, plots and summary (created; earlier demo runs in it are replaced)")
-    parser.add_argument("--data-dir", default=None,
-                        help="dataset cache (built on first use, reused afterwards); default: OUTPUT/data")
-    parser.add_argument("--epochs", type=int, default=d["epochs"], help="training epochs of each run")
-    parser.add_argument("--batch-size", type=int, default=d["batch_size"], help="batch size of each run")
-    parser.add_argument("--lr", type=float, default=d["lr"],
-                        help="learning rate (open_clip uses it for the weights, log t and the bias alike)")
-    parser.add_argument("--warmup", type=int, default=d["warmup"], help="linear warmup steps (then cosine decay)")
-    parser.add_argument("--wd", type=float, default=d["wd"], help="weight decay (open_clip's; not on t / biases)")
-    parser.add_argument("--seed", type=int, default=d["seed"], help="training seed, the same for both runs")
-    parser.add_argument("--n-train", type=int, default=d["n_train"], help="training samples (digit mosaics)")
-    parser.add_argument("--n-val", type=int, default=d["n_val"], help="validation samples (retrieval among these)")
-    parser.add_argument("--workers", type=int, default=d["workers"], help="data loader workers per run")
-    parser.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
-    parser.add_argument("--report-only", action="store_true",
-                        help="do not train: report on the runs already in --output")
-    parser.add_argument("--no-plots", action="store_true", help="do not write the PNG plots")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Entry of ``open-clip-sigrel demo``: 0 on success, 1 if a run failed, 2 on bad flags."""
-    try:
-        summary = run_demo(
-            output=args.output, data_dir=args.data_dir, epochs=args.epochs, batch_size=args.batch_size,
-            lr=args.lr, warmup=args.warmup, wd=args.wd, seed=args.seed, n_train=args.n_train, n_val=args.n_val,
-            workers=args.workers, train=not args.report_only, plots=not args.no_plots,
-            progress=None if args.quiet else _stderr,
-        )
-    except ValueError as e:
-        print(f"open-clip-sigrel demo: error: {e}", file=sys.stderr)
-        return 2
-    except DemoRunError as e:
-        print(f"open-clip-sigrel demo: {e}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(summary, indent=2, allow_nan=False, default=_json_default))
-    else:
-        print(format_table(summary["runs"], n_val=summary["settings"]["n_val"]))
-        print()
-        print(summary["interpretation"])
-        print()
-        print(f"Runs, logs and checkpoints: {summary['runs_dir']}")
-        for plot in summary["plots"]:
-            print(f"Plot: {plot}")
-    return 0
-
 
 class DemoRunError(RuntimeError):
     """A training run failed or left no results."""
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def _json_default(value: Any) -> Any:
     return str(value)
 
 
+def _read_results(run_dir: Path) -> list[dict]:
+    """open_clip's results.jsonl of a run; lenient, since a running training may be mid-line."""
+    return read_jsonl(run_dir / "checkpoints" / "results.jsonl", strict=False, missing_ok=True)
+
+
 # ------------------------------------------------------------------------------------- training
 
 
-def _validate(epochs: int, batch_size: int, lr: float, warmup: int, wd: float, n_train: int, n_val: int,
-              workers: int) -> None:
-    if epochs < 1:
-        raise ValueError(f"--epochs must be >= 1, got {epochs}")
-    if batch_size < 2:
-        raise ValueError(f"--batch-size must be >= 2 (a contrastive batch needs negatives), got {batch_size}")
-    if not (math.isfinite(lr) and lr > 0):
-        raise ValueError(f"--lr must be a positive number, got {lr}")
-    if warmup < 0:
-        raise ValueError(f"--warmup must be >= 0, got {warmup}")
-    if not (math.isfinite(wd) and wd >= 0):
-        raise ValueError(f"--wd must be >= 0, got {wd}")
-    if n_train < batch_size:
-        raise ValueError(f"--n-train ({n_train}) must be at least --batch-size ({batch_size})")
-    if n_val < 2:
-        raise ValueError(f"--n-val must be >= 2 (retrieval needs candidates), got {n_val}")
-    if workers < 0:
-        raise ValueError(f"--workers must be >= 0, got {workers}")
+def training_argv(loss_flags: tuple[str, ...] | list[str], data: dict, config: DemoConfig, *,
+                  logs: str | os.PathLike, name: str) -> list[str]:
+    """The argv of ``python -m open_clip_sigrel.cli.train`` for one demo run (open_clip flags + loss flags).
 
-
-def training_argv(loss_flags: tuple[str, ...] | list[str], data: dict, *, logs: str | os.PathLike, name: str,
-                  epochs: int, batch_size: int, lr: float, warmup: int, wd: float, seed: int,
-                  workers: int) -> list[str]:
-    """The argv of ``python -m open_clip_sigrel.cli.train`` for one demo run (open_clip flags + loss flags)."""
+    ``data`` is the dict of :func:`open_clip_sigrel.tools.data.ensure_digits_dataset`.
+    """
+    c = config
     return [
         *loss_flags,
         "--model", MODEL,
@@ -203,16 +171,16 @@ def training_argv(loss_flags: tuple[str, ...] | list[str], data: dict, *, logs: 
         "--val-data", data["val_data"],
         "--val-num-samples", str(data["val_num_samples"]),
         "--dataset-type", "webdataset",
-        "--batch-size", str(batch_size),
-        "--epochs", str(epochs),
-        "--lr", repr(float(lr)),
-        "--warmup", str(warmup),
-        "--wd", repr(float(wd)),
+        "--batch-size", str(c.batch_size),
+        "--epochs", str(c.epochs),
+        "--lr", repr(float(c.lr)),
+        "--warmup", str(c.warmup),
+        "--wd", repr(float(c.wd)),
         # open_clip's default "amp" is float16 autocast, which on CPU is slow and loses the tiny model.
         "--precision", "fp32",
-        "--workers", str(workers),
+        "--workers", str(c.workers),
         "--device", "cpu",
-        "--seed", str(seed),
+        "--seed", str(c.seed),
         "--val-frequency", "1",
         "--log-every-n-steps", "1",  # every step: the epoch's mean loss and smooth t / b_rel curves
         "--logs", str(logs),
@@ -261,50 +229,48 @@ class _Progress:
                           f"t {_fmt(rec.get('logit_scale'))}, b_rel {_fmt(rec.get('rel_bias'))} "
                           f"({time.perf_counter() - self.start:.0f} s)")
         self.epochs_seen = len(ends)
-        evals = _read_jsonl(self.run_dir / "checkpoints" / "results.jsonl")
+        evals = _read_results(self.run_dir)
         for row in evals[self.evals_seen:]:
             self.progress(f"[demo {self.name}] val after epoch {row.get('epoch')}: R@1 image->text "
                           f"{_fmt(row.get('image_to_text_R@1'), 3)}, text->image {_fmt(row.get('text_to_image_R@1'), 3)}")
         self.evals_seen = len(evals)
 
 
-def run_demo(*, output: str | os.PathLike = "sigrel_demo", data_dir: str | os.PathLike | None = None,
-             epochs: int = DEFAULTS["epochs"], batch_size: int = DEFAULTS["batch_size"], lr: float = DEFAULTS["lr"],
-             warmup: int = DEFAULTS["warmup"], wd: float = DEFAULTS["wd"], seed: int = DEFAULTS["seed"],
-             n_train: int = DEFAULTS["n_train"], n_val: int = DEFAULTS["n_val"], workers: int = DEFAULTS["workers"],
-             train: bool = True, plots: bool = True, progress=None) -> dict:
+def run_demo(config: DemoConfig | None = None, *, train: bool = True, plots: bool = True, progress=None,
+             **options: Any) -> dict:
     """Trains (unless ``train=False``) both runs and returns the summary (what ``--json`` prints).
 
-    Raises ValueError on bad settings and DemoRunError when a run fails or left no results.
+    The settings are ``config`` (default ``DemoConfig()``) with any of its fields given as keyword
+    ``options`` on top (``run_demo(epochs=1, n_train=128)``). ``progress``: None or a callable taking
+    one line of progress text. Raises ValueError on bad settings, DemoRunError when a run fails or
+    left no results, ImportError when the ``data`` extra (the dataset) is missing.
     """
-    output = Path(output).expanduser().absolute()
+    cfg = dataclasses.replace(config if config is not None else DemoConfig(), **options)
+    output = Path(cfg.output).expanduser().absolute()
     runs_dir = output / "runs"
     settings_path = output / "settings.json"
     start = time.perf_counter()
     walls: dict[str, float | None] = {name: None for name, _, _ in RUNS}
     if train:
-        _validate(epochs, batch_size, lr, warmup, wd, n_train, n_val, workers)
-        from open_clip_sigrel.tools.data import ensure_digits_dataset
-
-        data_path = Path(data_dir).expanduser().absolute() if data_dir is not None else output / "data"
+        cfg.check()
+        data_path = Path(cfg.data_dir).expanduser().absolute() if cfg.data_dir is not None else output / "data"
         if progress is not None:
-            progress(f"[demo] dataset: {data_path} ({n_train} train / {n_val} val digit mosaics)")
-        data = ensure_digits_dataset(data_path, n_train=n_train, n_val=n_val, csv=False)
+            progress(f"[demo] dataset: {data_path} ({cfg.n_train} train / {cfg.n_val} val digit mosaics)")
+        data = ensure_digits_dataset(data_path, DigitsConfig(n_train=cfg.n_train, n_val=cfg.n_val, csv=False))
         settings = {
-            "model": MODEL, "epochs": epochs, "batch_size": batch_size, "lr": lr, "warmup": warmup, "wd": wd,
-            "seed": seed, "n_train": n_train, "n_val": n_val, "workers": workers, "precision": "fp32",
-            "init_logit_scale": INIT_T, "init_rel_bias": INIT_REL_BIAS, "data_dir": str(data_path),
-            "steps_per_epoch": n_train // batch_size,
+            "model": MODEL,
+            **{k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("output", "data_dir")},
+            "precision": "fp32", "init_logit_scale": INIT_T, "init_rel_bias": INIT_REL_BIAS,
+            "data_dir": str(data_path), "steps_per_epoch": cfg.n_train // cfg.batch_size,
         }
         runs_dir.mkdir(parents=True, exist_ok=True)
         settings_path.unlink(missing_ok=True)
         for name, flags, _ in RUNS:
-            argv = training_argv(flags, data, logs=runs_dir, name=name, epochs=epochs, batch_size=batch_size,
-                                 lr=lr, warmup=warmup, wd=wd, seed=seed, workers=workers)
+            argv = training_argv(flags, data, cfg, logs=runs_dir, name=name)
             settings[f"argv_{name}"] = argv
             if progress is not None:
                 progress(f"[demo {name}] training: python -m open_clip_sigrel.cli.train {' '.join(flags)} ... "
-                         f"({epochs} epochs x {n_train // batch_size} steps)")
+                         f"({cfg.epochs} epochs x {cfg.n_train // cfg.batch_size} steps)")
             walls[name] = _train_one(name, argv, runs_dir, progress)
         settings["wall_s"] = {k: round(v, 1) for k, v in walls.items() if v is not None}
         settings_path.write_text(json.dumps(settings, indent=2) + "\n")
@@ -360,22 +326,6 @@ def train_records(run_dir: str | os.PathLike) -> list[dict]:
     return out
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    if not path.is_file():
-        return rows
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
-    return rows
-
-
 def _finite(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
@@ -387,7 +337,7 @@ def summarize_run(run_dir: str | os.PathLike) -> dict:
     """One row of the demo: final train loss, t, b_rel, logit_bias and the last evaluation's metrics.
 
     t / b_rel / logit_bias come from the last evaluation when it has them (the geometry metrics,
-    full precision), else from the last 'Train Epoch' line. ``history`` holds, per epoch, the end of
+    full precision), else from the last step of the training telemetry. ``history`` holds, per epoch, the end of
     epoch train values and that epoch's evaluation. Raises DemoRunError when the run left no log.
     """
     run_dir = Path(run_dir)
@@ -397,7 +347,7 @@ def summarize_run(run_dir: str | os.PathLike) -> dict:
     train = train_records(run_dir)
     if not train:
         raise DemoRunError(f"{log_path} has no training step")
-    results = _read_jsonl(run_dir / "checkpoints" / "results.jsonl")
+    results = _read_results(run_dir)
     last_train, last_eval = train[-1], (results[-1] if results else {})
 
     row: dict[str, Any] = {
@@ -412,7 +362,7 @@ def summarize_run(run_dir: str | os.PathLike) -> dict:
         bias = last_train.get("logit_bias")
     rel = _finite(last_eval.get("rel_bias_model"))
     if rel is None and bias is not None and t:
-        rel = -bias / t
+        rel = rel_bias_from_logit_bias(bias, t)
     if rel is None:
         rel = last_train.get("rel_bias")
     row.update(logit_scale=t, rel_bias=rel, logit_bias=bias)
@@ -455,19 +405,15 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 
 def format_table(runs: dict[str, dict], *, n_val: int | None = None) -> str:
-    """The side-by-side table of both runs (columns in RUNS order)."""
+    """The side-by-side table of both runs (a row per TABLE_ROWS entry, columns in RUNS order)."""
     names = [name for name, _, _ in RUNS if name in runs]
     titles = {name: title for name, _, title in RUNS}
-    label_w = max(len(label) for _, label in TABLE_ROWS)
-    col_w = max(14, *(len(titles[n]) for n in names))
-    lines = [f"{'':<{label_w}}  " + "  ".join(f"{titles[n]:>{col_w}}" for n in names)]
-    lines.append("-" * len(lines[0]))
-    for key, label in TABLE_ROWS:
-        lines.append(f"{label:<{label_w}}  " + "  ".join(f"{_fmt(runs[n].get(key)):>{col_w}}" for n in names))
+    table = _format_table([""] + [titles[n] for n in names],
+                          [[label] + [_fmt(runs[n].get(key)) for n in names] for key, label in TABLE_ROWS])
     if n_val:
-        lines.append(f"(chance R@1 = 1/{n_val} = {1 / n_val:.4f}; both runs start at t = {INIT_T:g}, "
-                     f"b_rel = {INIT_REL_BIAS:g})")
-    return "\n".join(lines)
+        table += (f"\n(chance R@1 = 1/{n_val} = {1 / n_val:.4f}; both runs start at t = {INIT_T:g}, "
+                  f"b_rel = {INIT_REL_BIAS:g})")
+    return table
 
 
 def interpret(runs: dict[str, dict], *, n_val: int) -> str:
@@ -535,7 +481,7 @@ def interpret(runs: dict[str, dict], *, n_val: int) -> str:
 
 
 def _write_plots(runs_dir: Path, output: Path, progress) -> list[Path]:
-    """comparison.png (own figure) and, when open_clip_sigrel.tools.plots is there, each run's curves."""
+    """comparison.png (own figure) and each run's curves (open_clip_sigrel.tools.plots); needs the plots extra."""
     written: list[Path] = []
     try:
         written.append(plot_comparison(runs_dir, output / "comparison.png"))
@@ -543,8 +489,9 @@ def _write_plots(runs_dir: Path, output: Path, progress) -> list[Path]:
         if progress is not None:
             progress(f"[demo] comparison plot skipped: {e}")
     try:
+        require("matplotlib", "plots")
         from open_clip_sigrel.tools.plots import plot_training_curves
-    except ImportError:
+    except ImportError:  # already said by the comparison plot
         return written
     for name, _, title in RUNS:
         results = runs_dir / name / "checkpoints" / "results.jsonl"
@@ -561,6 +508,7 @@ def _write_plots(runs_dir: Path, output: Path, progress) -> list[Path]:
 
 def plot_comparison(runs_dir: str | os.PathLike, path: str | os.PathLike) -> Path:
     """2x2 figure of both runs: train loss, t, b_rel (per step) and val margin / R@1 (per epoch)."""
+    require("matplotlib", "plots")
     from matplotlib.figure import Figure
 
     runs_dir = Path(runs_dir)
@@ -576,7 +524,7 @@ def plot_comparison(runs_dir: str | os.PathLike, path: str | os.PathLike) -> Pat
             pts = [(s["epoch_progress"], s[key]) for s in steps if _finite(s.get(key)) is not None]
             if pts:
                 ax.plot(*zip(*pts), color=c, lw=1, label=title)
-        evals = _read_jsonl(runs_dir / name / "checkpoints" / "results.jsonl")
+        evals = _read_results(runs_dir / name)
         for key, style, label in (("margin_mean", "-", "margin_mean"),
                                   ("image_to_text_R@1", "--", "R@1 i->t"),
                                   ("text_to_image_R@1", ":", "R@1 t->i")):

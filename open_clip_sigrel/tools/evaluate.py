@@ -1,76 +1,173 @@
-"""`open-clip-sigrel eval`: geometry metrics of an open_clip checkpoint on local data, or of saved embeddings.
+"""Geometry metrics of an open_clip checkpoint on local data, or of saved embeddings.
+
+The library side of ``open-clip-sigrel eval`` (its command line is open_clip_sigrel.cli.evaluate)::
 
     open-clip-sigrel eval --model sigrel-tiny --pretrained ckpt.pt --data 'val/{0..3}.tar' --output out.json
     open-clip-sigrel eval --embeddings emb.npz --output out.json --plots figs/
 
-Data (``--data``): webdataset shards (brace expansion, several specs joined by ``::``; members
-``png;jpg;jpeg;webp`` + ``txt``), an open_clip CSV/TSV file (``--csv-img-key``, ``--csv-caption-key``,
-``--csv-separator``), or a clip_benchmark-style folder ``root/{split}/{0..n-1}.tar`` with
-``nshards.txt``. A multi-line caption counts by its first non-empty line (one text per image).
+Settings: :class:`EvalConfig` (its fields are the flags). Data (``data``): webdataset shards (brace
+expansion, several specs joined by ``::``; members ``png;jpg;jpeg;webp`` + ``txt``), an open_clip
+CSV/TSV file read by open_clip_train's own ``CsvDataset`` (``csv_img_key``, ``csv_caption_key``,
+``csv_separator``; image paths relative to the working directory, as open_clip reads them), or a
+clip_benchmark-style folder ``root/{split}/{0..n-1}.tar`` with ``nshards.txt``. A multi-line caption
+counts by its first non-empty line (one text per image). Precision as open_clip's ``--precision``
+(open_clip's own autocast and input dtype).
 
-Embeddings (``--embeddings``): ``.npz`` (loaded with allow_pickle=False) or ``.pt`` (weights_only=True)
+Embeddings (``embeddings``): ``.npz`` (loaded with allow_pickle=False) or ``.pt`` (weights_only=True)
 holding ``image`` and ``text`` (N, d) arrays and optionally the scalars ``logit_scale`` (t, already
 exponentiated) and ``logit_bias``.
 
-Output: clip_benchmark's JSON shape ``{"model", "pretrained", "dataset", "task": "geometry", "metrics"}``,
-written atomically (temporary file + rename) only after everything succeeded; metrics as in
-``open_clip_sigrel.metrics.geometry``. Failures print ``error: ...`` and exit non-zero with nothing written.
+Every input is checked before the work starts (model name and tag, the checkpoint's and embeddings'
+pickled objects, each local shard's tar structure, the CSV's columns and image files); a failure
+raises :class:`EvalError` (a ValueError) naming the file or setting. :func:`evaluate` returns
+clip_benchmark's JSON shape ``{"model", "pretrained", "dataset", "task": "geometry", "metrics"}``
+(metrics as in ``open_clip_sigrel.metrics.geometry``); :func:`save_result` writes it atomically.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
+import dataclasses
 import difflib
+import functools
+import io
 import json
 import math
 import os
-import re
-import sys
+import pickle
+import tarfile
 import tempfile
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from open_clip_sigrel._io import format_table as _format_table
+from open_clip_sigrel._optional import require
+
+__all__ = ["EvalConfig", "EvalError", "evaluate", "load_embeddings", "resolve_data", "check_shards",
+           "create_model", "build_loader", "encode", "save_result", "format_table"]
+
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 PRECISIONS = ("fp32", "amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "pure_bf16", "pure_fp16")
+EMBEDDING_KEYS = ("image", "text", "logit_scale", "logit_bias")
 
 
-class EvalError(Exception):
-    """A user-facing failure: printed as ``error: <message>``."""
+class EvalError(ValueError):
+    """A user-facing failure whose message names the input at fault."""
 
 
-# --------------------------------------------------------------------------------------- parser
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """Flags of `open-clip-sigrel eval`."""
-    src = parser.add_argument_group("what to evaluate (a model on --data, or --embeddings)")
-    src.add_argument("--model", help="open_clip model name (built-in, registered, 'hf-hub:org/repo' or 'local-dir:path')")
-    src.add_argument("--pretrained", default=None, help="pretrained tag of --model or a checkpoint file")
-    src.add_argument("--model-config", default=None,
-                     help="model config JSON (bare or open_clip hub format) to register before creating the model")
-    src.add_argument("--data", default=None,
-                     help="webdataset shards ('dir/{0..3}.tar'), a .csv/.tsv file, or a clip_benchmark folder")
-    src.add_argument("--embeddings", default=None,
-                     help=".npz or .pt with arrays 'image' and 'text' (+ optional 'logit_scale' t, 'logit_bias')")
-    data = parser.add_argument_group("data options")
-    data.add_argument("--split", default="test", help="split of a clip_benchmark folder (falls back to the only one)")
-    data.add_argument("--csv-img-key", default="filepath", help="CSV column with image paths (as open_clip)")
-    data.add_argument("--csv-caption-key", default="title", help="CSV column with captions (as open_clip)")
-    data.add_argument("--csv-separator", default="\t", help="CSV field separator (as open_clip)")
-    data.add_argument("--max-samples", type=int, default=None, help="evaluate at most this many pairs")
-    run_g = parser.add_argument_group("running")
-    run_g.add_argument("--batch-size", type=int, default=64, help="encoding batch size")
-    run_g.add_argument("--workers", type=int, default=0, help="data loader workers")
-    run_g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                       help="device for encoding and for the metrics")
-    run_g.add_argument("--precision", choices=PRECISIONS, default="fp32", help="as open_clip's --precision")
-    run_g.add_argument("--chunk-size", type=int, default=None,
-                       help="rows per tile of the pairwise metrics (default 1024; ~4M similarities per tile)")
-    out = parser.add_argument_group("output")
-    out.add_argument("--output", required=True, help="JSON file to write (atomically)")
-    out.add_argument("--plots", default=None, help="folder for similarity_histograms.png and modality_projection.png")
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What to evaluate and how: the defaults of :func:`evaluate` and of ``open-clip-sigrel eval``'s flags."""
+
+    model: str | None = field(default=None, metadata={
+        "help": "open_clip model name (built-in, registered, 'hf-hub:org/repo' or 'local-dir:path')"})
+    pretrained: str | None = field(default=None, metadata={"help": "pretrained tag of --model or a checkpoint file"})
+    model_config: str | None = field(default=None, metadata={
+        "help": "model config JSON (bare or open_clip hub format) to register before creating the model"})
+    data: str | None = field(default=None, metadata={
+        "help": "webdataset shards ('dir/{0..3}.tar'), a .csv/.tsv file, or a clip_benchmark folder"})
+    embeddings: str | None = field(default=None, metadata={
+        "help": ".npz or .pt with arrays 'image' and 'text' (+ optional 'logit_scale' t, 'logit_bias')"})
+    split: str = field(default="test", metadata={
+        "help": "split of a clip_benchmark folder (falls back to the only one)"})
+    csv_img_key: str = field(default="filepath", metadata={"help": "CSV column with image paths (as open_clip)"})
+    csv_caption_key: str = field(default="title", metadata={"help": "CSV column with captions (as open_clip)"})
+    csv_separator: str = field(default="\t", metadata={"help": "CSV field separator (as open_clip)"})
+    max_samples: int | None = field(default=None, metadata={"help": "evaluate at most this many pairs"})
+    batch_size: int = field(default=64, metadata={"help": "encoding batch size"})
+    workers: int = field(default=0, metadata={"help": "data loader workers"})
+    device: str = field(default_factory=_default_device, metadata={"help": "device for encoding and for the metrics"})
+    precision: str = field(default="fp32", metadata={"help": "as open_clip's --precision", "choices": PRECISIONS})
+    chunk_size: int | None = field(default=None, metadata={
+        "help": "rows per tile of the pairwise metrics (default 1024; ~4M similarities per tile)"})
+
+    def check(self) -> None:
+        """EvalError for settings that cannot work together."""
+        if (self.data is None) == (self.embeddings is None):
+            raise EvalError("give exactly one of --data (with --model) or --embeddings")
+        if self.data is not None and not self.model:
+            raise EvalError("--data needs --model")
+        for name in ("batch_size", "chunk_size", "max_samples"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise EvalError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+        if self.workers < 0:
+            raise EvalError(f"--workers must be >= 0, got {self.workers}")
+        if self.precision not in PRECISIONS:
+            raise EvalError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+
+
+#: EvalConfig's fields by what they are about (the command line's argument groups).
+SOURCE_FIELDS = ("model", "pretrained", "model_config", "data", "embeddings")
+DATA_FIELDS = ("split", "csv_img_key", "csv_caption_key", "csv_separator", "max_samples")
+RUN_FIELDS = ("batch_size", "workers", "device", "precision", "chunk_size")
+
+
+def _first_msg(e: BaseException) -> str:
+    """The first non-empty line of an exception's message, plus the next one (state_dict errors)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return " ".join(lines[:2]) if lines else type(e).__name__
+
+
+def _first_line(text: str) -> str:
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()
+    return text.strip()
+
+
+# ---------------------------------------------------------------------------------- torch files
+#: how a legacy (pre-zip) torch.save file starts: its magic number, pickled with protocol 2
+_LEGACY_HEAD = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)
+
+
+def _refuse_unpickling(path: Path, what: str = "") -> EvalError:
+    return EvalError(f"refusing to load {path}: it holds objects that would need unpickling{what}; "
+                     "only tensors, arrays and plain containers are read (torch.load(weights_only=True))")
+
+
+def _check_weights_only(path: Path) -> None:
+    """EvalError, before loading, for a file that is no torch file or holds objects weights_only refuses.
+
+    The pickle's globals are read without running it (torch.serialization.get_unsafe_globals_in_checkpoint,
+    torch >= 2.5). Legacy (non-zip) torch files are recognised by their leading magic number and left to
+    torch.load(weights_only=True), which refuses objects in them with an UnpicklingError.
+    """
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            head = f.read(len(_LEGACY_HEAD))
+        if head != _LEGACY_HEAD:
+            raise EvalError(f"cannot read {path} as a torch file: neither a torch.save archive (zip) nor "
+                            "a legacy torch.save file")
+        return
+    probe = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    if probe is None:
+        return
+    try:
+        unsafe = probe(str(path))
+    except (ValueError, RuntimeError, KeyError, OSError) as e:  # a zip, but no torch.save archive
+        raise EvalError(f"cannot read {path} as a torch file: {type(e).__name__}: {_first_msg(e)}") from e
+    if unsafe:
+        raise _refuse_unpickling(path, f" ({', '.join(sorted(unsafe))})")
+
+
+def _torch_load(path: Path) -> Any:
+    """torch.load(weights_only=True) on the CPU, with the failures told apart by type."""
+    _check_weights_only(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # a legacy torch file with objects
+        raise _refuse_unpickling(path) from e
+    except Exception as e:  # anything else torch.load raises on a file that is no torch file
+        raise EvalError(f"cannot read {path} as a torch file: {type(e).__name__}: {_first_msg(e)}") from e
 
 
 # ------------------------------------------------------------------------------------ embeddings
@@ -84,20 +181,17 @@ def load_embeddings(path: str | os.PathLike) -> dict[str, Any]:
         try:
             with np.load(p, allow_pickle=False) as z:
                 keys = list(z.files)
-                data = {k: _npz_get(z, k, p) for k in ("image", "text", "logit_scale", "logit_bias") if k in keys}
+                data = {k: _npz_get(z, k, p) for k in EMBEDDING_KEYS if k in keys}
         except EvalError:
             raise
         except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
             raise EvalError(f"cannot read {p} as .npz: {e}") from e
     elif suffix in (".pt", ".pth"):
-        try:
-            obj = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as e:  # weights_only refuses arbitrary objects with an UnpicklingError
-            raise _torch_load_error(p, e) from e
+        obj = _torch_load(p)
         if not isinstance(obj, dict):
             raise EvalError(f"{p} must hold a dict with tensors 'image' and 'text', got {type(obj).__name__}")
         keys = [str(k) for k in obj]
-        data = {k: obj[k] for k in ("image", "text", "logit_scale", "logit_bias") if k in obj}
+        data = {k: obj[k] for k in EMBEDDING_KEYS if k in obj}
     else:
         raise EvalError(f"embeddings must be .npz or .pt, got {p.name}")
     missing = [k for k in ("image", "text") if k not in data]
@@ -112,28 +206,16 @@ def load_embeddings(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def _torch_load_error(path: Path, e: BaseException) -> EvalError:
-    """Readable message for a failed torch.load(weights_only=True)."""
-    text = str(e)
-    if isinstance(e, __import__("pickle").UnpicklingError) or "weights_only" in text.lower():
-        found = re.search(r"Unsupported global: ([^\n]*?) was not an allowed global", text)
-        what = f" ({found.group(1)})" if found else ""
-        return EvalError(f"refusing to load {path}: it holds objects that would need unpickling{what}; "
-                         "only tensors, arrays and plain containers are read (torch.load(weights_only=True))")
-    return EvalError(f"cannot read {path} as a torch file: {type(e).__name__}: {_first_msg(e)}")
-
-
 def _npz_get(z, key: str, path: Path):
     try:
         return z[key]
-    except ValueError as e:  # object arrays need pickle
+    except ValueError as e:  # numpy refuses object arrays under allow_pickle=False
         raise EvalError(f"refusing to load {path}: array '{key}' holds pickled objects ({e})") from e
 
 
 # ------------------------------------------------------------------------------------------ data
 def _expand_shards(spec: str) -> list[str]:
-    import braceexpand
-
+    braceexpand = require("braceexpand", "data")
     urls: list[str] = []
     for part in spec.split("::"):
         urls.extend(braceexpand.braceexpand(part))
@@ -144,12 +226,20 @@ def _is_url(s: str) -> bool:
     return "://" in s or s.startswith("pipe:")
 
 
-def resolve_data(spec: str, split: str) -> tuple[str, Any, str | None]:
-    """('csv', path, None) or ('wds', [shards], split-or-None); checks that local shards exist."""
+def resolve_data(config: EvalConfig) -> tuple[str, Any, str | None]:
+    """('csv', path, None) or ('wds', [shards], the split used or None) of ``config.data``, checked.
+
+    Checks before any work: a CSV's columns and image files, each local shard's tar structure. A
+    clip_benchmark folder without ``config.split`` but with one split uses that one (the third item
+    says which); with several, EvalError lists them.
+    """
+    spec, split = config.data, config.split
     p = Path(spec)
     if p.suffix.lower() in (".csv", ".tsv"):
         if not p.is_file():
             raise EvalError(f"CSV file not found: {p}")
+        if _check_csv(p, config.csv_img_key, config.csv_caption_key, config.csv_separator) == 0:
+            raise EvalError(f"empty dataset: {p} has no rows")
         return "csv", p, None
     chosen = None
     if p.is_dir():
@@ -160,7 +250,6 @@ def resolve_data(spec: str, split: str) -> tuple[str, Any, str | None]:
             chosen = split
         elif len(splits) == 1:
             chosen = splits[0]
-            print(f"note: split '{split}' not in {p}; using the only split '{chosen}'", file=sys.stderr)
         else:
             raise EvalError(f"split '{split}' not found in {p}; available: {', '.join(splits)}")
         try:
@@ -172,119 +261,134 @@ def resolve_data(spec: str, split: str) -> tuple[str, Any, str | None]:
         shards = _expand_shards(spec)
     if not shards:
         raise EvalError(f"no shards in {spec}")
-    for s in shards:
-        if not _is_url(s) and not Path(s).is_file():
-            raise EvalError(f"missing shard: {s}")
+    check_shards(shards)
     return "wds", shards, chosen
 
 
-def _first_line(text: str) -> str:
-    for line in text.splitlines():
-        if line.strip():
-            return line.strip()
-    return text.strip()
+def check_shards(shards: list[str]) -> None:
+    """EvalError naming the first local shard that is missing, no tar archive, or cut short.
+
+    Reads the tar headers only (tarfile seeks over the members' data and notices a file that ends
+    inside one), so a bad shard is named before any encoding; remote URLs are left to webdataset.
+    """
+    for s in shards:
+        if _is_url(s):
+            continue
+        p = Path(s)
+        if not p.is_file():
+            raise EvalError(f"missing shard: {s}")
+        # a .tar is read as a plain tar: "r" would try every compression and report each failure
+        mode = "r:" if p.suffix.lower() == ".tar" else "r"
+        try:
+            with tarfile.open(p, mode) as tar:
+                tar.getmembers()
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise EvalError(f"corrupt or unreadable shard {s}: {type(e).__name__}: {_first_msg(e)}") from e
 
 
-def _wds_pair(sample: dict) -> tuple[Any, str]:
+def _wds_sample(sample: dict, preprocess, tokenizer) -> tuple[Any, Any, str | None]:
+    """(image tensor, tokens, None), or (None, None, message) for a bad sample: the message crosses
+    DataLoader workers as data (an exception would come back wrapped in a worker traceback)."""
     key, url = sample.get("__key__"), sample.get("__url__")
-    img = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
-    if img is None:
-        raise ValueError(f"sample '{key}' in {url} has no image ({', '.join(IMAGE_EXTS)}); members: "
-                         f"{', '.join(k for k in sample if not k.startswith('__'))}")
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        return None, None, (f"sample '{key}' in {url} has no image ({', '.join(IMAGE_EXTS)}); members: "
+                            f"{', '.join(k for k in sample if not k.startswith('__'))}")
     if "txt" not in sample:
-        raise ValueError(f"sample '{key}' in {url} has no txt caption")
-    txt = sample["txt"]
-    if isinstance(txt, bytes):
-        txt = txt.decode("utf-8")
-    return img, _first_line(txt)
+        return None, None, f"sample '{key}' in {url} has no txt caption"
+    require("PIL", "data")
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(sample[ext])) as im:
+            image = im.convert("RGB")
+    except OSError as e:  # PIL's UnidentifiedImageError, truncated files
+        return None, None, f"corrupt sample '{key}' in {url}: its .{ext} is not a readable image ({type(e).__name__})"
+    try:
+        caption = sample["txt"].decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, None, f"corrupt sample '{key}' in {url}: its .txt is not UTF-8 ({e.reason} at byte {e.start})"
+    return preprocess(image), tokenizer([_first_line(caption)])[0], None
 
 
-class _CsvPairs(torch.utils.data.Dataset):
-    def __init__(self, path: Path, img_key: str, cap_key: str, sep: str, transform):
-        import pandas as pd
-
-        try:
-            df = pd.read_csv(path, sep=sep)
-        except Exception as e:
-            raise EvalError(f"cannot read CSV {path}: {e}") from e
-        for k, flag in ((img_key, "--csv-img-key"), (cap_key, "--csv-caption-key")):
-            if k not in df.columns:
-                raise EvalError(f"CSV {path} has no column '{k}' ({flag}); columns: {', '.join(map(str, df.columns))}")
-        self.root = path.parent
-        self.images = [str(v) for v in df[img_key].tolist()]
-        self.captions = [_first_line(str(v)) for v in df[cap_key].tolist()]
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def _path(self, i: int) -> Path:
-        p = Path(self.images[i])
-        if not p.is_absolute() and not p.exists() and (self.root / p).exists():
-            p = self.root / p  # relative to the CSV's folder
-        return p
-
-    def __getitem__(self, i: int):
-        from PIL import Image
-
-        p = self._path(i)
-        try:
-            with Image.open(p) as im:
-                img = im.convert("RGB")
-        except Exception as e:
-            raise ValueError(f"cannot read image {p} (CSV row {i}): {e}") from e
-        return self.transform(img), self.captions[i]
+def _wds_collate(batch):
+    errors = [err for *_, err in batch if err]
+    if errors:
+        return None, None, errors
+    images, tokens, _ = zip(*batch)
+    return torch.stack(images), torch.stack(tokens), []
 
 
-def _collate(batch):
-    images, texts = zip(*batch)
-    return torch.stack(images), list(texts)
+def _csv_collate(batch):
+    # open_clip_train's CsvDataset yields (image, tokens) in 2.x-3.x and {"image", "text"} in 4.x
+    pairs = [(s["image"], s["text"]) if isinstance(s, dict) else s for s in batch]
+    images, tokens = zip(*pairs)
+    return torch.stack(images), torch.stack(tokens), []
 
 
-def build_loader(kind: str, source: Any, preprocess, args: argparse.Namespace):
-    """A DataLoader of (images, captions) batches."""
+class _FirstLineTokenizer:
+    """A tokenizer that tokenizes each caption's first non-empty line (one text per image)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, texts, *args, **kwargs):
+        texts = _first_line(texts) if isinstance(texts, str) else [_first_line(str(t)) for t in texts]
+        return self.tokenizer(texts, *args, **kwargs)
+
+
+def _check_csv(path: Path, img_key: str, cap_key: str, sep: str) -> int:
+    """Rows of an open_clip CSV; EvalError for an unreadable file, a missing column or image file."""
+    pd = require("pandas", "data")
+    try:
+        df = pd.read_csv(path, sep=sep)
+    except (ValueError, OSError) as e:  # pandas' ParserError / EmptyDataError are ValueErrors
+        raise EvalError(f"cannot read CSV {path}: {e}") from e
+    for k, flag in ((img_key, "--csv-img-key"), (cap_key, "--csv-caption-key")):
+        if k not in df.columns:
+            raise EvalError(f"CSV {path} has no column '{k}' ({flag}); columns: {', '.join(map(str, df.columns))}")
+    for row, image in enumerate(df[img_key].tolist()):
+        if not Path(str(image)).is_file():
+            raise EvalError(f"CSV {path}, row {row}: image file not found: {image} (read relative to the "
+                            f"working directory {os.getcwd()}, as open_clip does)")
+    return len(df)
+
+
+def build_loader(kind: str, source: Any, preprocess, tokenizer, config: EvalConfig):
+    """A DataLoader of (images, tokens, errors) batches over what :func:`resolve_data` found.
+
+    CSV: open_clip_train.data.CsvDataset. Shards: a plain, unshuffled webdataset pipeline (open_clip's
+    get_wds_dataset resamples or drops samples and skips unreadable shards with a warning, which an
+    evaluation of every pair cannot have).
+    """
     if kind == "csv":
-        ds = _CsvPairs(source, args.csv_img_key, args.csv_caption_key, args.csv_separator, preprocess)
-        if len(ds) == 0:
-            raise EvalError(f"empty dataset: {source} has no rows")
-        if args.max_samples is not None and args.max_samples < len(ds):
-            ds = torch.utils.data.Subset(ds, range(args.max_samples))
-        return torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers,
-                                           shuffle=False, collate_fn=_collate)
-    import webdataset as wds
+        for module in ("pandas", "webdataset", "braceexpand"):  # what open_clip_train.data imports
+            require(module, "data")
+        from open_clip_train.data import CsvDataset
 
+        ds = CsvDataset(str(source), preprocess, config.csv_img_key, config.csv_caption_key,
+                        sep=config.csv_separator, tokenizer=_FirstLineTokenizer(tokenizer))
+        if config.max_samples is not None and config.max_samples < len(ds):
+            ds = torch.utils.data.Subset(ds, range(config.max_samples))
+        return torch.utils.data.DataLoader(ds, batch_size=config.batch_size, num_workers=config.workers,
+                                           shuffle=False, collate_fn=_csv_collate)
+    wds = require("webdataset", "data")
     pipeline = (wds.WebDataset(source, shardshuffle=False)
-                .decode("pilrgb")
-                .map(_wds_pair)
-                .map_tuple(preprocess, _identity)
-                .batched(args.batch_size, collation_fn=_collate, partial=True))
-    return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=args.workers)
-
-
-def _identity(x):
-    return x
-
-
-def _shard_in(error: BaseException, shards: list[str]) -> str | None:
-    text = " ".join(str(a) for a in getattr(error, "args", ())) + " " + str(error)
-    hits = [s for s in shards if s in text]
-    return max(hits, key=len) if hits else None
+                .map(functools.partial(_wds_sample, preprocess=preprocess, tokenizer=tokenizer))
+                .batched(config.batch_size, collation_fn=_wds_collate, partial=True))
+    return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=config.workers)
 
 
 # ----------------------------------------------------------------------------------------- model
-def _register_configs(args: argparse.Namespace) -> None:
-    try:
-        from open_clip_sigrel.configs import add_model_config, register_shipped_configs
-    except ImportError:  # pragma: no cover - the package ships it
-        import open_clip
+def _register_configs(config: EvalConfig) -> None:
+    from open_clip_sigrel.configs import add_model_config, register_shipped_configs
 
-        add_model_config, register_shipped_configs = open_clip.add_model_config, (lambda: [])
     register_shipped_configs()
-    if args.model_config:
+    if config.model_config:
         try:
-            add_model_config(args.model_config)
+            add_model_config(config.model_config)
         except (OSError, ValueError) as e:
-            raise EvalError(f"--model-config {args.model_config}: {e}") from e
+            raise EvalError(f"--model-config {config.model_config}: {e}") from e
 
 
 def _check_model_name(model: str, pretrained: str | None) -> None:
@@ -307,7 +411,7 @@ def _check_model_name(model: str, pretrained: str | None) -> None:
             raise EvalError(f"--pretrained '{pretrained}' is neither a file nor a known tag ({what})")
 
 
-def create_model(args: argparse.Namespace, device: torch.device):
+def create_model(config: EvalConfig, device: torch.device):
     """(model, val preprocess, tokenizer) via open_clip, with checkpoint errors made readable.
 
     A checkpoint *file* is loaded after building the architecture (``open_clip.load_checkpoint``, the
@@ -316,30 +420,29 @@ def create_model(args: argparse.Namespace, device: torch.device):
     """
     import open_clip
 
-    _register_configs(args)
-    _check_model_name(args.model, args.pretrained)
-    ckpt_file = (args.pretrained if args.pretrained and Path(args.pretrained).is_file()
-                 and not args.model.startswith(("hf-hub:", "local-dir:")) else None)
+    _register_configs(config)
+    _check_model_name(config.model, config.pretrained)
+    ckpt_file = (config.pretrained if config.pretrained and Path(config.pretrained).is_file()
+                 and not config.model.startswith(("hf-hub:", "local-dir:")) else None)
+    if ckpt_file and Path(ckpt_file).suffix.lower() not in (".safetensors", ".npz", ".npy"):
+        # read once on its own so that unreadable / unsafe files are told apart from misfits
+        _torch_load(Path(ckpt_file))
     try:
         with _quiet_random_init_warning(ckpt_file is not None):
             model, _, preprocess = open_clip.create_model_and_transforms(
-                args.model, pretrained=None if ckpt_file else (args.pretrained or None), device=device,
-                precision=args.precision)
+                config.model, pretrained=None if ckpt_file else (config.pretrained or None), device=device,
+                precision=config.precision)
     except Exception as e:
-        raise EvalError(f"could not create model '{args.model}' (pretrained={args.pretrained}): "
+        raise EvalError(f"could not create model '{config.model}' (pretrained={config.pretrained}): "
                         f"{type(e).__name__}: {_first_msg(e)}") from e
     if ckpt_file:
-        try:  # read once on its own so that unreadable / unsafe files are told apart from misfits
-            open_clip.factory.load_state_dict(ckpt_file, weights_only=True)
-        except Exception as e:
-            raise _torch_load_error(Path(ckpt_file), e) from e
         try:
             open_clip.load_checkpoint(model, ckpt_file, weights_only=True)
         except Exception as e:
-            raise EvalError(f"checkpoint {ckpt_file} does not fit the architecture of model '{args.model}': "
+            raise EvalError(f"checkpoint {ckpt_file} does not fit the architecture of model '{config.model}': "
                             f"{type(e).__name__}: {_first_msg(e)}") from e
     model.eval()
-    return model, preprocess, open_clip.get_tokenizer(args.model)
+    return model, preprocess, open_clip.get_tokenizer(config.model)
 
 
 @contextlib.contextmanager
@@ -360,76 +463,105 @@ def _quiet_random_init_warning(active: bool):
             root.removeFilter(drop)
 
 
-def _first_msg(e: BaseException) -> str:
-    """The first non-empty line of an exception's message, plus the next one (state_dict errors)."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return " ".join(lines[:2]) if lines else type(e).__name__
-
-
-def _autocast(precision: str, device: torch.device):
-    if precision == "amp":
-        return torch.autocast(device_type=device.type, dtype=torch.float16)
-    if precision in ("amp_bf16", "amp_bfloat16"):
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _input_dtype(precision: str) -> torch.dtype | None:
-    if precision in ("bf16", "pure_bf16"):
-        return torch.bfloat16
-    if precision in ("fp16", "pure_fp16"):
-        return torch.float16
-    return None
-
-
 @torch.no_grad()
-def encode(model, tokenizer, loader, args: argparse.Namespace, device: torch.device, shards: list[str] | None):
-    """Normalised (image, text) features of every pair, float32, on ``device``."""
+def encode(model, loader, config: EvalConfig, device: torch.device, *, progress: bool = False):
+    """Normalised (image, text) features of every pair, float32, on ``device``.
+
+    Autocast and input dtype are open_clip's own for ``config.precision``; ``progress`` shows a tqdm
+    bar on stderr.
+    """
+    import open_clip
+    from open_clip_train.precision import get_autocast
     from tqdm import tqdm
 
     feats_i, feats_t, n = [], [], 0
-    in_dtype = _input_dtype(args.precision)
-    limit = args.max_samples
-    bar = tqdm(total=limit, desc="encoding", unit="pair", file=sys.stderr, dynamic_ncols=True)
+    in_dtype = open_clip.get_input_dtype(config.precision)
+    autocast = get_autocast(config.precision, device_type=device.type)
+    limit = config.max_samples
+    bar = tqdm(total=limit, desc="encoding", unit="pair", disable=not progress, dynamic_ncols=True)
     try:
-        for images, texts in loader:
-            if limit is not None and n + len(texts) > limit:
-                images, texts = images[: limit - n], texts[: limit - n]
+        for images, tokens, errors in loader:
+            if errors:
+                raise EvalError(errors[0])
+            if limit is not None and n + len(tokens) > limit:
+                images, tokens = images[: limit - n], tokens[: limit - n]
             images = images.to(device=device, dtype=in_dtype) if in_dtype else images.to(device)
-            tokens = tokenizer(texts).to(device)
-            with _autocast(args.precision, device):
+            with autocast():
                 fi = model.encode_image(images, normalize=True)
-                ft = model.encode_text(tokens, normalize=True)
+                ft = model.encode_text(tokens.to(device), normalize=True)
             feats_i.append(fi.float())
             feats_t.append(ft.float())
-            n += len(texts)
-            bar.update(len(texts))
+            n += len(tokens)
+            bar.update(len(tokens))
             if limit is not None and n >= limit:
                 break
     except EvalError:
         raise
-    except Exception as e:
-        shard = _shard_in(e, shards or [])
-        first = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)  # webdataset appends the url
-        msg = [ln.strip() for ln in first.strip().splitlines() if ln.strip()]
-        msg = msg[-1] if msg else type(e).__name__
-        if shard:
-            raise EvalError(f"corrupt or unreadable shard {shard}: {msg}") from e
-        raise EvalError(f"reading {args.data} failed: {type(e).__name__}: {msg}") from e
+    except Exception as e:  # what the checks up front cannot see (a remote shard, an undecodable CSV image)
+        raise EvalError(f"reading {config.data} failed: {type(e).__name__}: {_first_msg(e)}") from e
     finally:
         bar.close()
     if n == 0:
-        raise EvalError(f"empty dataset: no (image, text) samples in {args.data}")
+        raise EvalError(f"empty dataset: no (image, text) samples in {config.data}")
     return torch.cat(feats_i), torch.cat(feats_t)
 
 
 # ------------------------------------------------------------------------------------------- run
-def _atomic_write_json(obj: dict, path: Path) -> None:
+def evaluate(config: EvalConfig | None = None, *, progress: bool = False, **options: Any) -> tuple[dict, Any, Any]:
+    """(result dict, image features, text features) of ``config`` (with fields as keyword overrides).
+
+    Raises EvalError (a ValueError) for any input that cannot be evaluated, ImportError naming the
+    extra when the data pipeline's packages (the ``data`` extra) are missing.
+    """
+    from open_clip_sigrel.metrics.geometry import geometry_metrics
+
+    cfg = dataclasses.replace(config if config is not None else EvalConfig(), **options)
+    cfg.check()
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError as e:
+        raise EvalError(f"bad --device {cfg.device}: {e}") from e
+    result: dict[str, Any] = {"model": cfg.model, "pretrained": cfg.pretrained}
+    if cfg.embeddings is not None:
+        emb = load_embeddings(cfg.embeddings)
+        image, text = emb["image"], emb["text"]
+        if cfg.max_samples is not None:
+            image, text = image[: cfg.max_samples], text[: cfg.max_samples]
+        scale, bias = emb.get("logit_scale"), emb.get("logit_bias")
+        result["dataset"] = str(cfg.embeddings)
+    else:
+        kind, source, split = resolve_data(cfg)
+        model, preprocess, tokenizer = create_model(cfg, device)
+        loader = build_loader(kind, source, preprocess, tokenizer, cfg)
+        image, text = encode(model, loader, cfg, device, progress=progress)
+        scale = float(model.logit_scale.detach().float().exp().mean())
+        lb = getattr(model, "logit_bias", None)
+        bias = None if lb is None else float(lb.detach().float().mean())
+        result["dataset"] = str(cfg.data)
+        if split is not None:
+            result["split"] = split
+    result["task"] = "geometry"
+    try:
+        metrics = geometry_metrics(image, text, logit_scale=scale, logit_bias=bias, chunk_size=cfg.chunk_size)
+    except ValueError as e:
+        raise EvalError(str(e)) from e
+    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise EvalError(f"non-finite metrics: {', '.join(bad)}")
+    result["metrics"] = metrics
+    return result, image, text
+
+
+def save_result(result: dict, path: str | os.PathLike) -> None:
+    """Writes the result as JSON atomically (temporary file + rename): the file is whole or absent."""
+    path = Path(path)
+    if path.is_dir():
+        raise EvalError(f"--output {path} is a directory; give a file name")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
+            json.dump(result, f, indent=2)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
@@ -440,99 +572,16 @@ def _atomic_write_json(obj: dict, path: Path) -> None:
         raise
 
 
+def _fmt(v: Any) -> str:
+    if isinstance(v, int):
+        return f"{v:d}"
+    if isinstance(v, float) and (v == 0 or 1e-4 <= abs(v) < 1e5):
+        return f"{v:.6f}"
+    return f"{v:.6g}"
+
+
 def format_table(result: dict) -> str:
-    """The metrics as aligned 'name  value' lines under a one-line header."""
-    m = result["metrics"]
-    width = max(len(k) for k in m)
-    head = (f"model={result.get('model')} pretrained={result.get('pretrained')} "
-            f"dataset={result.get('dataset')} task={result.get('task')}")
-    lines = [head, "-" * min(len(head), 100)]
-    for k, v in m.items():
-        if isinstance(v, int):
-            s = f"{v:d}"
-        elif isinstance(v, float) and (v == 0 or 1e-4 <= abs(v) < 1e5):
-            s = f"{v:.6f}"
-        else:
-            s = f"{v:.6g}"
-        lines.append(f"{k:<{width}}  {s:>14}")
-    return "\n".join(lines)
-
-
-def _validate_args(args: argparse.Namespace) -> None:
-    if (args.data is None) == (args.embeddings is None):
-        raise EvalError("give exactly one of --data (with --model) or --embeddings")
-    if args.data is not None and not args.model:
-        raise EvalError("--data needs --model")
-    for name in ("batch_size", "chunk_size", "max_samples"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            raise EvalError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    if args.workers < 0:
-        raise EvalError(f"--workers must be >= 0, got {args.workers}")
-    if Path(args.output).is_dir():
-        raise EvalError(f"--output {args.output} is a directory; give a file name")
-
-
-def evaluate(args: argparse.Namespace) -> tuple[dict, Any, Any]:
-    """Everything but writing: (result dict, image features, text features); raises EvalError."""
-    from open_clip_sigrel.metrics.geometry import geometry_metrics
-
-    _validate_args(args)
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as e:
-        raise EvalError(f"bad --device {args.device}: {e}") from e
-    result: dict[str, Any] = {"model": args.model, "pretrained": args.pretrained}
-    if args.embeddings is not None:
-        emb = load_embeddings(args.embeddings)
-        image, text = emb["image"], emb["text"]
-        if args.max_samples is not None:
-            image, text = image[: args.max_samples], text[: args.max_samples]
-        scale, bias = emb.get("logit_scale"), emb.get("logit_bias")
-        result["dataset"] = str(args.embeddings)
-    else:
-        kind, source, split = resolve_data(args.data, args.split)
-        model, preprocess, tokenizer = create_model(args, device)
-        loader = build_loader(kind, source, preprocess, args)
-        image, text = encode(model, tokenizer, loader, args, device, source if kind == "wds" else None)
-        scale = float(model.logit_scale.detach().float().exp().mean())
-        lb = getattr(model, "logit_bias", None)
-        bias = None if lb is None else float(lb.detach().float().mean())
-        result["dataset"] = str(args.data)
-        if split is not None:
-            result["split"] = split
-    result["task"] = "geometry"
-    try:
-        metrics = geometry_metrics(image, text, logit_scale=scale, logit_bias=bias, chunk_size=args.chunk_size)
-    except ValueError as e:
-        raise EvalError(str(e)) from e
-    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
-    if bad:
-        raise EvalError(f"non-finite metrics: {', '.join(bad)}")
-    result["metrics"] = metrics
-    return result, image, text
-
-
-def run(args: argparse.Namespace) -> int:
-    """Entry of `open-clip-sigrel eval`; 0 on success, 1 on a reported error."""
-    try:
-        result, image, text = evaluate(args)
-        if args.plots:
-            from open_clip_sigrel.tools.plots import plot_modality_projection, plot_similarity_histograms
-
-            folder = Path(args.plots)
-            try:
-                plot_similarity_histograms(image, text, folder / "similarity_histograms.png",
-                                           metrics=result["metrics"])
-                plot_modality_projection(image, text, folder / "modality_projection.png")
-            except OSError as e:
-                raise EvalError(f"cannot write plots to {folder}: {e}") from e
-        try:
-            _atomic_write_json(result, Path(args.output))
-        except OSError as e:
-            raise EvalError(f"cannot write {args.output}: {e}") from e
-    except EvalError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(format_table(result))
-    return 0
+    """The metrics as a 'metric  value' table under a one-line description of what was evaluated."""
+    title = (f"model={result.get('model')} pretrained={result.get('pretrained')} "
+             f"dataset={result.get('dataset')} task={result.get('task')}")
+    return _format_table(("metric", "value"), [(k, _fmt(v)) for k, v in result["metrics"].items()], title=title)
