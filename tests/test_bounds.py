@@ -242,3 +242,57 @@ def test_sandwich_closes_for_margins_above_one_eighth() -> None:
         for m in (0.13, 0.2, 0.3, 0.45):
             assert B._p_code_inner_product_free(n, m) == pytest.approx(1 - 2 * m, abs=1e-12)
         assert B._p_code_inner_product_free(n, 0.1) > 0.8
+
+
+# ---------------------------------------------------------------- one definition of Thm 3.4's region
+def _thm_3_4(n: int, m: float, b: float | None) -> bool:
+    """The region written out: b_rel free means some b_rel in [-1, 1] satisfies all four."""
+    if b is None:
+        return 0 <= m <= n / (2 * (n - 1))
+    return m >= 0 and b + m <= 1 and b - m >= -1 and (3 - 4 / n) * m <= 1 + b
+
+
+def test_validate_and_feasible_region_are_the_same_region() -> None:
+    rng = np.random.default_rng(1)
+    seen = {True: 0, False: 0}
+    for _ in range(600):
+        n = int(rng.choice([2, 3, 5, 10, 100, 10**6]))
+        m = float(rng.uniform(0.0, 0.8))
+        b = None if rng.random() < 0.3 else float(rng.uniform(-1.0, 1.0))
+        inside = _thm_3_4(n, m, b)
+        assert B.feasible_region(n, m, b)["feasible"] == inside, (n, m, b)
+        if inside:
+            B.validate(n, m, b)
+        else:
+            with pytest.raises(ValueError, match="fails"):
+                B.validate(n, m, b)
+        if b is not None and not inside:  # the error names the first inequality the region reports failing
+            first = next(c for c in B.feasible_region(n, m, b)["conditions"] if not c["holds"])
+            with pytest.raises(ValueError) as info:
+                B.validate(n, m, b)
+            assert str(info.value).startswith(first["inequality"] + " fails")
+        seen[inside] += 1
+    assert min(seen.values()) > 100
+
+
+def test_max_pairs_is_thm_3_4_solved_for_n() -> None:
+    for m, b in ((0.4, 0.0), (0.3, -0.2), (0.6, 0.3), (0.55, None), (0.7, None)):
+        n_max = B.max_pairs_any_dim(m, b)
+        assert n_max == pytest.approx(4 * m / (3 * m - 1 - (1 - m if b is None else b)), rel=1e-12)
+        largest = math.floor(n_max + 1e-9)
+        assert largest >= 2 and _thm_3_4(largest, m, b) and not _thm_3_4(largest + 1, m, b)
+        assert B.feasible_region(largest, m, b)["feasible"]
+        assert B.feasible_region(largest, m, b)["max_n_any_dim"] == pytest.approx(n_max)
+        with pytest.raises(ValueError, match="Thm 3.4"):
+            B.validate(largest + 1, m, b)
+    assert B.max_pairs_any_dim(0.3, 0.0) == math.inf and B.max_pairs_any_dim(0.5) == math.inf
+
+
+def test_missing_scipy_names_the_research_extra(monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "scipy.special", None)
+    with pytest.raises(ImportError, match=r"open_clip_sigrel\[research\]"):
+        B.log_cap_fraction(5, 0.5)
+    rc, out, err = _cli("--n", "123457", "--margin", "0.2173", "--rel-bias", "0.1")  # not in the lru caches
+    assert rc == 1 and out == "" and "research" in err

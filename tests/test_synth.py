@@ -4,7 +4,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from contextlib import redirect_stdout
+from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
 import torch
@@ -14,6 +14,7 @@ from open_clip_sigrel.cli import main as cli_main
 from open_clip_sigrel.loss import batched_sigrel_loss, sigrel_loss
 from open_clip_sigrel.tools.synth import (
     RunSpec,
+    SynthConfig,
     build_batches,
     init_embeddings,
     run_experiment,
@@ -73,7 +74,7 @@ def test_batched_backend_matches_loop_backend() -> None:
 
 def test_same_seed_same_start() -> None:
     torch.testing.assert_close(init_embeddings(7, 20, 5), init_embeddings(7, 20, 5), rtol=0, atol=0)
-    (batch,) = build_batches("bias-vs-rel", {"seed": 0, "repeats": 1, "dim": 10, "t0": 10.0, "b0": [5.0]})
+    (batch,) = build_batches("bias-vs-rel", SynthConfig(seed=0, repeats=1, dim=10, t0=10.0, b0=[5.0]))
     abs_spec, rel_spec = batch.specs
     assert abs_spec.logit_bias0 == -5.0 and rel_spec.b_rel0 == 0.5 and abs_spec.seed == rel_spec.seed
     res = train_runs(batch.specs, n=30, dim=4, steps=0)
@@ -133,7 +134,7 @@ def test_modalities_share_scalars() -> None:
     assert fin["loss"] < res[0]["curves"]["loss"][0]
     with pytest.raises(ValueError, match="graph"):
         train_runs([RunSpec("x")], k=3, graph="ring", steps=1)
-    with pytest.raises(ValueError, match="k >= 2"):
+    with pytest.raises(ValueError, match="2 modalities"):  # loss.graph_edges' message
         train_runs([RunSpec("x")], k=1, steps=1)
 
 
@@ -182,3 +183,139 @@ def test_cli_json_prints_one_document(tmp_path) -> None:
         rc = cli_main(["synth", "bias-vs-rel", "--output", str(tmp_path / "t"), "--n", "20", "--dim", "4",
                        "--steps", "10", "--b0", "0", "--no-plots"])
     assert rc == 0 and "abs b0=0" in buf.getvalue() and "rel b0=0" in buf.getvalue()
+
+
+# ---------------------------------------------------------------- formulas against float64, configuration, side effects
+def _direct_geometry(feats: torch.Tensor, edges: list[tuple[int, int]]) -> dict[str, float]:
+    """m*, b*_rel, xi of one run's (k, n, d) embeddings, written out in float64."""
+    f = feats.double()
+    pos, neg, xis = [], [], []
+    for a, c in edges:
+        s = f[a] @ f[c].T
+        off = ~torch.eye(s.shape[0], dtype=torch.bool)
+        pos.append(s.diagonal().min())
+        neg.append(s[off].max())
+        diff = f[a] - f[c]
+        xis.append(((diff - diff.mean(0)) ** 2).sum(1).mean())
+    p, q = float(min(pos)), float(max(neg))
+    return {"margin": (p - q) / 2, "b_star": (p + q) / 2, "xi": float(sum(xis) / len(xis)), "min_pos": p, "max_neg": q}
+
+
+@pytest.mark.parametrize("k, graph, edges", [(2, "complete", [(0, 1)]), (3, "star", [(0, 1), (0, 2)]),
+                                             (3, "complete", [(0, 1), (0, 2), (1, 2)])])
+def test_reported_geometry_and_loss_match_float64(k: int, graph: str, edges: list) -> None:
+    specs = [RunSpec("rel", t0=7.0, b_rel0=0.3, seed=4), RunSpec("abs", kind="abs", t0=3.0, b_rel0=-0.2, seed=5)]
+    res = train_runs(specs, n=12, dim=5, steps=0, k=k, graph=graph, keep_features=True)
+    for spec, item in zip(specs, res):
+        start = init_embeddings(spec.seed, 12, 5, k)
+        torch.testing.assert_close(item["features"], start, rtol=0, atol=0)
+        want = _direct_geometry(start, edges)
+        for key, value in want.items():
+            assert item["final"][key] == pytest.approx(value, abs=2e-6), key  # float32 embeddings
+        f = start.double()
+        labels = 2 * torch.eye(12, dtype=torch.float64) - 1
+        dense = sum(-F.logsigmoid(labels * spec.t0 * (f[a] @ f[c].T - spec.b_rel0)).mean() for a, c in edges)
+        assert item["final"]["loss"] == pytest.approx(float(dense) / len(edges), rel=1e-6)
+        assert item["final"]["t"] == pytest.approx(spec.t0, rel=1e-6)
+        assert item["final"]["b_rel"] == pytest.approx(spec.b_rel0, abs=1e-6)  # abs: -logit_bias / t
+        assert item["final"]["logit_bias"] == pytest.approx(-spec.t0 * spec.b_rel0, abs=1e-5)
+
+
+def test_parser_and_signature_defaults_are_synthconfig() -> None:
+    import inspect
+    from dataclasses import fields
+
+    from open_clip_sigrel.cli import build_parser
+    from open_clip_sigrel.cli._fields import config_from_args
+
+    parse = build_parser(["synth"]).parse_args
+    assert config_from_args(SynthConfig, parse(["synth", "xi", "--output", "o"])) == SynthConfig()
+    cfg = config_from_args(SynthConfig, parse(["synth", "xi", "--output", "o", "--record-every", "7", "--graphs", "star",
+                                  "--b0", "1", "2", "--normalize", "sum", "--threads", "0"]))
+    assert cfg == SynthConfig(record_every=7, graphs=("star",), b0=(1.0, 2.0), normalize="sum", threads=0)
+    defaults = {f.name: f.default for f in fields(SynthConfig)}
+    for name, param in inspect.signature(train_runs).parameters.items():
+        if name in defaults:
+            assert param.default == defaults[name], name
+
+
+def test_bad_config_values_name_the_field(tmp_path) -> None:
+    for kwargs, message in ((dict(normalize="mean"), "normalize"), (dict(backend="gpu"), "backend"),
+                            (dict(graphs=["ring"]), "graph"), (dict(n=1), "n must be >= 2"),
+                            (dict(ks=[1]), "2 modalities"), (dict(record_every=0), "record_every")):
+        with pytest.raises(ValueError, match=message):
+            SynthConfig(**kwargs)
+    with pytest.raises(ValueError, match="normalize"):
+        train_runs([RunSpec("x")], normalize="mean", steps=1)
+    with pytest.raises(TypeError, match="unknown options"):
+        run_experiment("bias-vs-rel", stpes=10)
+    err = io.StringIO()
+    with redirect_stdout(io.StringIO()), redirect_stderr(err):
+        rc = cli_main(["synth", "xi", "--output", str(tmp_path), "--n", "1", "--no-plots"])
+    assert rc == 2 and "error: n must be >= 2" in err.getvalue()
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_experiment_registry(tmp_path) -> None:
+    from open_clip_sigrel.tools import synth
+
+    assert list(synth.EXPERIMENTS) == ["bias-vs-rel", "fixed-rel-bias", "fixed-t", "init-grid", "frozen",
+                                       "modalities", "xi"]
+    assert all(e.description for e in synth.EXPERIMENTS.values())
+    # an experiment's own default for a knob left at None (fixed-t: b_rel 0 and 0.5)
+    cfg = synth.resolve_config("fixed-t")
+    assert cfg.rel_biases == (0.0, 0.5) and synth.resolve_config("fixed-rel-bias").rel_biases[0] == -1.0
+    assert synth.resolve_config("fixed-t", rel_biases=[0.2]).rel_biases == (0.2,)
+    names = [s.name for b in build_batches("fixed-t") for s in b.specs]
+    assert "t=10 fixed, b_rel=0.5 fixed" in names and len(names) == 3 * 3
+
+    @synth.register_experiment("test-two-seeds", "two trained runs")
+    def _two(cfg: SynthConfig) -> list:
+        return [synth.Batch([RunSpec(f"s{seed}", seed=seed) for seed in (cfg.seed, cfg.seed + 1)], cfg.dim)]
+
+    try:
+        assert "test-two-seeds" in synth.EXPERIMENTS
+        with pytest.raises(ValueError, match="already registered"):
+            synth.register_experiment("test-two-seeds", "again")(_two)
+        buf = io.StringIO()
+        with redirect_stdout(buf):  # the CLI's choices are the registry's
+            rc = cli_main(["synth", "test-two-seeds", "--output", str(tmp_path), "--n", "10", "--dim", "3",
+                           "--steps", "5", "--no-plots", "--json"])
+        assert rc == 0 and [r["name"] for r in json.loads(buf.getvalue())["runs"]] == ["s0", "s1"]
+    finally:
+        del synth._REGISTRY["test-two-seeds"]
+    with pytest.raises(TypeError, match="unknown SynthConfig fields"):
+        synth.register_experiment("x", "y", not_a_knob=1)
+    with pytest.raises(ValueError, match="unknown experiment 'nope'; choose from bias-vs-rel"):
+        build_batches("nope")
+
+
+def test_run_leaves_threads_and_matplotlib_backend_alone(tmp_path) -> None:
+    import matplotlib
+
+    old_backend = matplotlib.get_backend()
+    matplotlib.use("pdf")  # not Agg: a run that switched the backend to Agg would show
+    torch.set_num_threads(2)
+    try:
+        run_experiment("bias-vs-rel", output=str(tmp_path), n=10, dim=3, steps=5, b0=[0.0], threads=1)
+        assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (tmp_path / "histograms.png").stat().st_size > 0
+        assert matplotlib.get_backend() == "pdf"
+        assert torch.get_num_threads() == 2
+    finally:
+        matplotlib.use(old_backend)
+
+
+def test_missing_matplotlib_fails_before_training(tmp_path, monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ImportError, match=r"open_clip_sigrel\[plots\]"):
+        run_experiment("xi", output=str(tmp_path), n=10, dim=3, steps=5, dims=[3])
+    assert not (tmp_path / "summary.json").exists()
+    err = io.StringIO()
+    with redirect_stdout(io.StringIO()), redirect_stderr(err):
+        rc = cli_main(["synth", "xi", "--output", str(tmp_path), "--n", "10", "--steps", "5", "--dims", "3"])
+    assert rc == 1 and "plots" in err.getvalue() and "--no-plots" in err.getvalue()
+    summary = run_experiment("xi", output=str(tmp_path), plots=False, n=10, dim=3, steps=5, dims=[3])
+    assert summary["runs"] and (tmp_path / "summary.json").exists()

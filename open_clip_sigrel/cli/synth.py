@@ -1,2 +1,93 @@
-"""`open-clip-sigrel synth`: the command line of open_clip_sigrel.tools.synth."""
-from open_clip_sigrel.tools.synth import configure_parser, run  # noqa: F401
+"""`open-clip-sigrel synth EXPERIMENT --output DIR [options] [--json]`: the paper's synthetic experiments.
+
+Parsing, printing and exit codes only; the experiments, their defaults (``SynthConfig``, from which
+every protocol / knob flag below is generated) and the files written are open_clip_sigrel.tools.synth's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import types
+import typing
+from dataclasses import fields
+from typing import Any
+
+from open_clip_sigrel._io import format_table
+from open_clip_sigrel.cli._fields import config_from_args
+from open_clip_sigrel.tools.synth import EXPERIMENTS, SynthConfig, run_experiment
+
+
+def _flag_type(hint: Any) -> tuple[Any, bool]:
+    """(argparse type, several values?) of a field annotation: X, X | None, tuple[X, ...] (| None)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if typing.get_origin(hint) is tuple:
+        return typing.get_args(hint)[0], True
+    return hint, False
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per SynthConfig field (``--record-every`` for ``record_every``): type from the annotation,
+    default, help, argument group and choices from the field."""
+    # not cli/_fields.add_config_arguments: it has no tuple[X, ...] (nargs) fields nor argument groups yet
+    hints = typing.get_type_hints(SynthConfig)
+    groups: dict[str, Any] = {}
+    for f in fields(SynthConfig):
+        meta = f.metadata
+        if meta["group"] not in groups:
+            groups[meta["group"]] = parser.add_argument_group(meta["group"])
+        kind, several = _flag_type(hints[f.name])
+        kwargs: dict[str, Any] = {"type": kind, "default": f.default, "help": meta["help"]}
+        if several:
+            kwargs["nargs"] = "+"
+        if "choices" in meta:
+            kwargs["choices"] = meta["choices"]
+        if f.default is None:  # filled per experiment: say by which
+            per = [f"{name}: {' '.join(f'{v:g}' if isinstance(v, float) else str(v) for v in exp.defaults[f.name])}"
+                   for name, exp in EXPERIMENTS.items() if f.name in exp.defaults]
+            kwargs["help"] += f"; None: the experiment's own ({'; '.join(per)})"
+        groups[meta["group"]].add_argument("--" + f.name.replace("_", "-"), **kwargs)
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Flags of `open-clip-sigrel synth`."""
+    parser.add_argument("experiment", choices=list(EXPERIMENTS),
+                        help="which experiment: " + "; ".join(f"{n}: {e.description}" for n, e in EXPERIMENTS.items()))
+    parser.add_argument("--output", required=True, help="directory for summary.json, curves.json and the PNGs")
+    parser.add_argument("--json", action="store_true", help="print the summary as one JSON document")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG files")
+    add_config_arguments(parser)
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+    """Console table of the final values of every run."""
+    head = ("run", "seed", "loss", "t", "b_rel", "m*", "b*_rel", "xi")
+    rows = []
+    for run in summary["runs"]:
+        f = run["final"]
+        rows.append((run["name"], str(run["seed"]), f"{f['loss']:.3e}", f"{f['t']:.4g}", f"{f['b_rel']:+.4f}",
+                     f"{f['margin']:+.4f}", f"{f['b_star']:+.4f}", f"{f['xi']:.2e}"))
+    title = f"{summary['experiment']}: {len(rows)} runs, {summary['wall_time_s']:.1f} s"
+    return format_table(head, rows, title=title)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry of `open-clip-sigrel synth`: 0 on success, 2 on a bad option value, 1 without matplotlib."""
+    try:
+        summary = run_experiment(args.experiment, output=args.output, plots=not args.no_plots,
+                                 config=config_from_args(SynthConfig, args))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ImportError as exc:  # the plots extra (checked before training)
+        print(f"error: {exc} (or pass --no-plots)", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(summary_table(summary))
+        written = "curves.json, curves.png, histograms.png" if not args.no_plots else "curves.json"
+        print(f"wrote {os.path.join(args.output, 'summary.json')}, {written}")
+    return 0

@@ -33,26 +33,29 @@ Bounds on A(n, c) (every one rigorous up to float64 rounding, which is guarded b
   binary codes (Gilbert-Varshamov), explicit codes (simplex, cross-polytope, polygons, root systems
   A_n, D_n, E6, E7, E8, the Leech lattice's 196560 minimal vectors), each valid in every higher dim.
 The Levenshtein bound is not implemented separately: it is the optimum of the same LP over a
-restricted family of polynomials, so the LP bound (degree <= 30 by default) is at least as good
+restricted family of polynomials, so the LP bound (degree <= LP_DEGREE = 30 by default) is at least as good
 whenever Levenshtein's polynomial has degree <= 30.
 
-CLI: ``open-clip-sigrel bounds --n N --margin M [--rel-bias B] [--dim D] [--json]``.
+scipy (the 'research' extra) computes the caps, the Gilbert-Varshamov sums and the LP. Command line:
+``open-clip-sigrel bounds --n N --margin M [--rel-bias B] [--dim D] [--json]`` (open_clip_sigrel.cli.bounds).
 """
 from __future__ import annotations
 
-import argparse
 import functools
-import json
 import math
-import sys
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+
+from open_clip_sigrel._optional import require
 
 RIGOROUS = "rigorous"
 ASYMPTOTIC = "asymptotic"
 _TOL = 1e-12  # slack for comparisons of inner products (float64 inputs)
 _LOG_HUGE = 690.0  # exp() of more overflows; bounds above this are reported as 1e300 / inf
+
+#: the Delsarte LP's polynomial degree unless asked otherwise
+LP_DEGREE = 30
 
 # Explicit codes with max inner product 1/2 (kissing configurations): (dimension, size, name).
 _HALF_CODES = (
@@ -71,8 +74,51 @@ _KISSING = {
 
 
 # ----------------------------------------------------------------------------------------------
-# Input validation and the feasible region
+# Input validation and the feasible region (Thm 3.4's inequalities, written once)
 # ----------------------------------------------------------------------------------------------
+class _Condition(NamedTuple):
+    inequality: str
+    value: float
+    holds: bool
+    failure: str  # the ValueError message when it does not hold
+
+
+def max_pairs_any_dim(margin: float, rel_bias: float | None = None) -> float:
+    """Thm 3.4 solved for N: N <= 4m / (3m - 1 - b_rel) when 3m > 1 + b_rel, else unbounded (inf).
+
+    b_rel free (None): at the best b_rel = 1 - m this is N <= 2m / (2m - 1) when m > 1/2.
+    """
+    m = float(margin)
+    if rel_bias is None:
+        return 2 * m / (2 * m - 1) if m > 0.5 else math.inf
+    b = float(rel_bias)
+    return 4 * m / (3 * m - 1 - b) if m > 0 and 3 * m > 1 + b else math.inf
+
+
+def _region(n: int, margin: float, rel_bias: float | None) -> list[_Condition]:
+    """Thm 3.4's region for N pairs, one inequality each; b_rel free means b_rel = 1 - m (the best one)."""
+    m = float(margin)
+    b = (1.0 - m) if rel_bias is None else float(rel_bias)
+    lhs = (3 - 4 / n) * m
+    if rel_bias is None:
+        m_max = n / (2.0 * (n - 1))
+        thm_failure = (f"m <= N / (2 (N - 1)) fails (Thm 3.4 with the best b_rel = 1 - m): m = {m:g} > "
+                       f"{m_max:.6g} for N = {n}; equivalently N <= 2m / (2m - 1) = "
+                       f"{max_pairs_any_dim(m):.6g}")
+    else:
+        thm_failure = (f"(3 - 4/N) m <= 1 + b_rel fails (Thm 3.4): (3 - 4/{n}) * {m:g} = {lhs:.6g} > 1 + b_rel = "
+                       f"{1 + b:.6g}" + (f"; at most N <= 4m / (3m - 1 - b_rel) = {max_pairs_any_dim(m, b):.6g} "
+                                         "pairs fit" if 3 * m > 1 + b else ""))
+    return [
+        _Condition("m >= 0", m, m >= 0, f"m >= 0 fails: the margin m = {m:g} is negative"),
+        _Condition("b_rel + m <= 1", b + m, b + m <= 1 + _TOL,
+                   f"b_rel + m <= 1 fails (positives need s_ii >= b_rel + m but s_ii <= 1): b_rel + m = {b + m:g}"),
+        _Condition("b_rel - m >= -1", b - m, b - m >= -1 - _TOL,
+                   f"b_rel - m >= -1 fails (negatives need s_ij <= b_rel - m but s_ij >= -1): b_rel - m = {b - m:g}"),
+        _Condition("(3 - 4/N) m <= 1 + b_rel", lhs - (1 + b), lhs <= (1 + b) * (1 + _TOL) + _TOL, thm_failure),
+    ]
+
+
 def validate(n: int, margin: float, rel_bias: float | None = None, dim: int | None = None) -> None:
     """Raise ValueError naming the first inequality that fails.
 
@@ -85,36 +131,17 @@ def validate(n: int, margin: float, rel_bias: float | None = None, dim: int | No
     for name, value in (("margin", margin), ("rel_bias", rel_bias)):
         if value is not None and not math.isfinite(float(value)):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
-    m = float(margin)
-    if m < 0:
-        raise ValueError(f"m >= 0 fails: the margin m = {m:g} is negative")
+    positive, *region = _region(n, margin, rel_bias)
+    if not positive.holds:
+        raise ValueError(positive.failure)
     if dim is not None and (isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1):
         raise ValueError(f"d >= 1 (an integer dimension) fails: d = {dim!r}")
-    if rel_bias is None:
-        m_max = n / (2.0 * (n - 1))
-        if m > m_max * (1 + _TOL):
-            raise ValueError(
-                f"m <= N / (2 (N - 1)) fails (Thm 3.4 with the best b_rel = 1 - m): m = {m:g} > "
-                f"{m_max:.6g} for N = {n}; equivalently N <= 2m / (2m - 1) = {2 * m / (2 * m - 1):.6g}"
-            )
-        return
-    b = float(rel_bias)
-    if abs(b) > 1:
-        raise ValueError(f"-1 <= b_rel <= 1 fails: b_rel = {b:g}")
-    if b + m > 1 + _TOL:
-        raise ValueError(
-            f"b_rel + m <= 1 fails (positives need s_ii >= b_rel + m but s_ii <= 1): b_rel + m = {b + m:g}"
-        )
-    if b - m < -1 - _TOL:
-        raise ValueError(
-            f"b_rel - m >= -1 fails (negatives need s_ij <= b_rel - m but s_ij >= -1): b_rel - m = {b - m:g}"
-        )
-    lhs = (3 - 4 / n) * m
-    if lhs > (1 + b) * (1 + _TOL) + _TOL:
-        raise ValueError(
-            f"(3 - 4/N) m <= 1 + b_rel fails (Thm 3.4): (3 - 4/{n}) * {m:g} = {lhs:.6g} > 1 + b_rel = {1 + b:.6g}"
-            + (f"; at most N <= 4m / (3m - 1 - b_rel) = {4 * m / (3 * m - 1 - b):.6g} pairs fit" if 3 * m > 1 + b else "")
-        )
+    if rel_bias is not None and abs(float(rel_bias)) > 1:
+        raise ValueError(f"-1 <= b_rel <= 1 fails: b_rel = {float(rel_bias):g}")
+    failed = [c for c in region if not c.holds]
+    if failed:
+        # b_rel free (b_rel = 1 - m): Thm 3.4's inequality, listed last, implies the other two
+        raise ValueError(failed[0 if rel_bias is not None else -1].failure)
 
 
 def feasible_region(n: int, margin: float, rel_bias: float | None = None) -> dict[str, Any]:
@@ -125,23 +152,8 @@ def feasible_region(n: int, margin: float, rel_bias: float | None = None) -> dic
     """
     m = float(margin)
     b = (1.0 - m) if rel_bias is None else float(rel_bias)
-    conds = [
-        {"inequality": "m >= 0", "value": m, "holds": m >= 0},
-        {"inequality": "b_rel + m <= 1", "value": b + m, "holds": b + m <= 1 + _TOL},
-        {"inequality": "b_rel - m >= -1", "value": b - m, "holds": b - m >= -1 - _TOL},
-        {
-            "inequality": "(3 - 4/N) m <= 1 + b_rel",
-            "value": (3 - 4 / n) * m - (1 + b),
-            "holds": (3 - 4 / n) * m <= (1 + b) * (1 + _TOL) + _TOL,
-        },
-    ]
+    conds = [{"inequality": c.inequality, "value": c.value, "holds": c.holds} for c in _region(n, m, rel_bias)]
     exponential = m >= 0 and b + m <= 1 + _TOL and 3 * m < 1 + b
-    if m == 0:
-        max_n_any_dim: float = math.inf
-    elif 3 * m > 1 + b:
-        max_n_any_dim = 4 * m / (3 * m - 1 - b)
-    else:
-        max_n_any_dim = math.inf
     return {
         "label": RIGOROUS,
         "source": "Thm 3.4 (necessary) + simplex construction (sufficient in d = N)",
@@ -149,10 +161,15 @@ def feasible_region(n: int, margin: float, rel_bias: float | None = None) -> dic
         "conditions": conds,
         "feasible": all(c["holds"] for c in conds),
         "max_margin": n / (2.0 * (n - 1)) if rel_bias is None else min(1 - b, (1 + b) / (3 - 4 / n)),
-        "max_n_any_dim": max_n_any_dim,
+        "max_n_any_dim": max_pairs_any_dim(m, rel_bias),
         "exponential_size_possible": bool(exponential),
         "exponential_condition": "3 m < 1 + b_rel (and b_rel + m <= 1); for b_rel free: m < 1/2",
     }
+
+
+def _scipy(module: str):
+    """scipy.<module>, or ImportError naming the 'research' extra."""
+    return require(f"scipy.{module}", "research")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,8 +177,7 @@ def feasible_region(n: int, margin: float, rel_bias: float | None = None) -> dic
 # ----------------------------------------------------------------------------------------------
 def _log_sphere_w(n: int) -> float:
     """log of W_n = int_0^pi sin^(n-2)(x) dx = sqrt(pi) Gamma((n-1)/2) / Gamma(n/2)."""
-    from scipy.special import gammaln
-
+    gammaln = _scipy("special").gammaln
     return 0.5 * math.log(math.pi) + gammaln((n - 1) / 2) - gammaln(n / 2)
 
 
@@ -172,8 +188,7 @@ def log_cap_fraction(n: int, phi: float, side: str = "nearest") -> float:
     bracket from sin^(n-2) x cos x <= sin^(n-2) x <= sin^(n-2) x cos x / cos phi is used:
     side="upper" returns an upper bound of the log, "lower" a lower bound, "nearest" the lower.
     """
-    from scipy.special import betainc
-
+    betainc = _scipy("special").betainc
     if n < 2:
         raise ValueError("cap fractions need n >= 2")
     if phi <= 0:
@@ -215,7 +230,7 @@ def _dfac(n: int, k: int) -> float:
 
 @functools.lru_cache(maxsize=4096)
 def delsarte_lp_bound(
-    n: int, c: float, degree: int = 30, grid: int = 600, rounds: int = 4, check_points: int = 4001
+    n: int, c: float, degree: int = LP_DEGREE, grid: int = 600, rounds: int = 4, check_points: int = 4001
 ) -> float | None:
     """Certified Delsarte linear-programming upper bound on A(n, c), or None if none was certified.
 
@@ -228,8 +243,7 @@ def delsarte_lp_bound(
     around the local maxima of f and re-solve (up to 2 * ``rounds`` while none is certified). The smallest certified value is returned: rigorous, and
     at least the true LP optimum for this degree (usually within 1e-4 of it).
     """
-    from scipy.optimize import linprog
-
+    linprog = _scipy("optimize").linprog
     if n < 2 or not (-1.0 < c < 1.0) or degree < 1:
         return None
     u = np.linspace(0.0, math.pi, grid // 2)
@@ -368,8 +382,8 @@ def _explicit_lower(n: int, c: float) -> tuple[float, str]:
 
 def _log_gv_binary(n: int, c: float) -> float | None:
     """log of the Gilbert-Varshamov size of a binary code {+-1/sqrt n}^n with inner products <= c."""
-    from scipy.special import gammaln, logsumexp
-
+    special = _scipy("special")
+    gammaln, logsumexp = special.gammaln, special.logsumexp
     if n > 100_000 or c >= 1:
         return None
     delta = math.ceil(n * (1 - c) / 2 - 1e-9)  # Hamming distance delta <=> inner product 1 - 2 delta / n
@@ -380,7 +394,7 @@ def _log_gv_binary(n: int, c: float) -> float | None:
     return n * math.log(2) - log_ball
 
 
-def spherical_code_bounds(n: int, c: float, lp: bool = True, lp_degree: int = 30) -> dict[str, Any]:
+def spherical_code_bounds(n: int, c: float, lp: bool = True, lp_degree: int = LP_DEGREE) -> dict[str, Any]:
     """Rigorous lower and upper bounds on A(n, c), the largest code in R^n with inner products <= c.
 
     Returns {"n", "c", "lower", "lower_source", "upper", "upper_source", "exact", "label", "lower_all",
@@ -518,7 +532,7 @@ class _Problem:
         if rel_bias is None:
             self.alpha, self.extra = self.c, 0  # b_rel = 1 - m: U = V = code
             self.cb = _p_code_inner_product_free(n, self.m)
-            self.cap = math.inf if self.m <= 0.5 else 2 * self.m / (2 * self.m - 1)
+            self.cap = max_pairs_any_dim(self.m)
             self.trivial_all = self.m == 0  # c = 1: N copies of one point
         else:
             b = float(rel_bias)
@@ -526,7 +540,7 @@ class _Problem:
             self.alpha = code_inner_product(self.m, b)
             self.extra = 0 if lam >= 1 - 1e-15 else 1
             self.cb = _p_code_inner_product(self.m, b)
-            self.cap = math.inf if 3 * self.m <= 1 + b else 4 * self.m / (3 * self.m - 1 - b)
+            self.cap = max_pairs_any_dim(self.m, b)
             self.trivial_all = lam <= 1e-15  # b_rel = -1, m = 0: all U = e, all V = -e
             if self.alpha >= 1 - _TOL and not self.trivial_all:
                 self.alpha = 1.0  # m = 0: one point repeated, plus the extra coordinate
@@ -709,110 +723,3 @@ def constellation_bounds(
             "lower_reason": lo_src, "upper_reason": up_src,
         }
     return result
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI
-# ----------------------------------------------------------------------------------------------
-def _count(text: str) -> int:
-    """Integer argument that also accepts 1e10-style notation."""
-    try:
-        value = float(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
-    if not value.is_integer():
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}")
-    return int(value)
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """Flags of `open-clip-sigrel bounds`."""
-    parser.add_argument("--n", type=_count, required=True, help="number of pairs N (e.g. 1e6)")
-    parser.add_argument("--margin", type=float, required=True, help="halved margin m")
-    parser.add_argument("--rel-bias", type=float, default=None,
-                        help="relative bias b_rel (default: b_rel-free bounds, best b_rel)")
-    parser.add_argument("--dim", type=_count, default=None, help="also bound the largest N in this dimension")
-    parser.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        v = float(obj)
-        if not math.isfinite(v):
-            return None  # unbounded
-        return int(v) if v.is_integer() and abs(v) < 2**53 else v
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    return obj
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        if not math.isfinite(v):
-            return "unbounded"
-        if v.is_integer() and abs(v) < 1e15:
-            return f"{int(v):,}"
-        return f"{v:.4g}"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return str(v)
-
-
-def format_table(res: dict[str, Any]) -> str:
-    """Human-readable report of ``constellation_bounds``' result."""
-    inp, fr, asy, rig = res["input"], res["feasible_region"], res["asymptotic"], res["rigorous"]
-    b = "free (best b_rel)" if inp["rel_bias"] is None else f"{inp['rel_bias']:g}"
-    lines = [f"(m, b_rel)-constellations: N = {inp['n']:,}, m = {inp['margin']:g}, b_rel = {b}, c = 1 - 2m = {res['c']:g}", ""]
-    rows: list[tuple[str, str, str]] = []
-    rows.append(("feasible region (Thm 3.4)", "yes" if fr["feasible"] else "no", RIGOROUS))
-    for cond in fr["conditions"]:
-        rows.append((f"  {cond['inequality']}", "holds" if cond["holds"] else "FAILS", RIGOROUS))
-    rows.append(("  largest feasible m", _fmt(fr["max_margin"]), RIGOROUS))
-    rows.append(("  most pairs in any dimension", _fmt(fr["max_n_any_dim"]), RIGOROUS))
-    rows.append(("  exponential size in d possible", "yes" if fr["exponential_size_possible"] else "no", RIGOROUS))
-    rows.append((f"necessary d (Thm 3.5, b_rel = {asy['rel_bias_used']:g})", _fmt(asy["necessary_dim"]), ASYMPTOTIC))
-    rows.append(("sufficient d (Thm 3.3, Shannon-Wyner)", _fmt(asy["sufficient_dim"]), ASYMPTOTIC))
-    dm = rig["dim_min"]
-    rows.append(("smallest d: lower bound", _fmt(dm["lower"]), RIGOROUS))
-    rows.append(("smallest d: upper bound", _fmt(dm["upper"]), RIGOROUS))
-    if "max_n" in rig:
-        mn = rig["max_n"]
-        rows.append((f"largest N in d = {mn['dim']}: lower bound", _fmt(mn["lower"]), RIGOROUS))
-        rows.append((f"largest N in d = {mn['dim']}: upper bound", _fmt(mn["upper"]), RIGOROUS))
-        if asy.get("log10_max_n_necessary") is not None:
-            rows.append((f"largest N in d = {mn['dim']} (Thm 3.5): log10", f"{asy['log10_max_n_necessary']:.4g}", ASYMPTOTIC))
-        if asy.get("log10_n_sufficient") is not None:
-            rows.append((f"N reachable in d = {mn['dim']} (Thm 3.3): log10", f"{asy['log10_n_sufficient']:.4g}", ASYMPTOTIC))
-    w0 = max(len(r[0]) for r in rows)
-    w1 = max(len(r[1]) for r in rows)
-    lines += [f"{r[0]:<{w0}}  {r[1]:>{w1}}  [{r[2]}]" for r in rows]
-    lines += ["", f"d_min in [{_fmt(dm['lower'])}, {_fmt(dm['upper'])}]  ({rig['scope']}) [rigorous]",
-              f"  lower: {dm['lower_reason']}", f"  upper: {dm['upper_reason']}"]
-    if "max_n" in rig:
-        mn = rig["max_n"]
-        lines += [f"max N in d = {mn['dim']} in [{_fmt(mn['lower'])}, {_fmt(mn['upper'])}] [rigorous]",
-                  f"  lower: {mn['lower_reason']}", f"  upper: {mn['upper_reason']}"]
-    lines.append(f"asymptotic: {asy['note']}")
-    return "\n".join(lines)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Entry of `open-clip-sigrel bounds`: 0 on success, 2 on invalid input."""
-    try:
-        res = constellation_bounds(args.n, args.margin, args.rel_bias, args.dim)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(_jsonable(res), indent=2))
-    else:
-        print(format_table(res))
-    return 0

@@ -1,46 +1,132 @@
 """The paper's synthetic constellation experiments (Bangachev et al., arXiv 2509.18552, Sec. 4).
 
 The embeddings themselves are the parameters: U, V are N x d i.i.d. Gaussian rows normalised to the
-sphere; Adam (lr 1e-2) moves everything (log t, the bias, U, V); every step uses all N^2 pairs and
-re-projects U, V onto the sphere. Defaults: N = 100, d = 10, 10,000 steps, loss = mean over N^2
-(``normalize="pairs"``). Two parameterisations of the same loss:
+sphere; Adam moves everything (log t, the bias, U, V); every step uses all N^2 pairs and re-projects
+U, V onto the sphere. The paper's protocol (its N, d, steps, learning rate and loss normalisation) is
+the defaults of ``SynthConfig``. Two parameterisations of the same loss:
 
 * relative: the trained scalar is b_rel itself (logits t * (s - b_rel));
 * absolute: the trained scalar is open_clip's logit_bias (logits t * s + logit_bias), i.e. the same
-  loss at b_rel = -logit_bias / t; only what Adam moves differs.
+  loss at b_rel = rel_bias_from_logit_bias(logit_bias, t); only what Adam moves differs.
 
 Runs of one experiment that share shapes are trained together as one tensor program: their
 parameters are stacked along a leading run axis (Adam is elementwise, so this is exactly R separate
 optimisers), frozen scalars / towers get zero gradients (Adam then never moves them).
 
-Per run we report the final loss, t, b_rel, the halved margin m* = (min_i s_ii - max_{i!=j} s_ij) / 2,
-b*_rel = (min_i s_ii + max_{i!=j} s_ij) / 2 and xi = mean_i |(u_i - v_i) - mean(u - v)|^2; with k > 2
-modalities, min / max run over the pairs of the graph and xi is averaged over them.
+Per run we report the final loss, t, b_rel, the halved margin m* and b*_rel of the constellation
+(``metrics.functional.margin_and_rel_bias`` of min_i s_ii and max_{i!=j} s_ij) and
+xi = mean_i |(u_i - v_i) - mean(u - v)|^2; with k > 2 modalities, min / max run over the pairs of the
+graph and xi is averaged over them.
 
-CLI: ``open-clip-sigrel synth EXPERIMENT --output DIR [options] [--json]``; writes DIR/summary.json,
-DIR/curves.json, DIR/curves.png and DIR/histograms.png.
+The experiments are a registry (``register_experiment``; ``EXPERIMENTS`` maps each name to its
+description and run builder). ``run_experiment`` writes DIR/summary.json, DIR/curves.json and, with
+plots, DIR/curves.png and DIR/histograms.png. Command line: ``open_clip_sigrel.cli.synth``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import sys
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields, replace
+from types import MappingProxyType
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from open_clip_sigrel.loss import batched_sigrel_loss, multimodal_sigrel_loss, sigrel_loss
+from open_clip_sigrel._optional import require
+from open_clip_sigrel.bias import logit_bias_from_rel_bias, rel_bias_from_logit_bias
+from open_clip_sigrel.loss import (
+    GRAPHS,
+    NORMALIZATIONS,
+    batched_sigrel_loss,
+    graph_edges,
+    multimodal_sigrel_loss,
+    normalizer,
+    sigrel_loss,
+)
+from open_clip_sigrel.metrics.functional import margin_and_rel_bias
 
-EXPERIMENTS = ("bias-vs-rel", "fixed-rel-bias", "fixed-t", "init-grid", "frozen", "modalities", "xi")
 BACKENDS = ("batched", "loop")
 DEFAULT_B0 = (-10.0, -5.0, 0.0, 5.0, 10.0)
 DEFAULT_REL_BIASES = (-1.0, -0.8, -0.6, -0.4, -0.2, 0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration: every default once (the library signatures, the CLI parser and --help read it)
+# ----------------------------------------------------------------------------------------------
+def _knob(default: Any, help: str, *, group: str = "protocol", choices: Sequence[str] | None = None) -> Any:
+    """A SynthConfig field. The command line is generated from it (open_clip_sigrel.cli.synth): the flag's
+    type from the annotation (``tuple[X, ...]``: several X), its default, help, group and choices from here."""
+    meta: dict[str, Any] = {"help": help, "group": group}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """Protocol and experiment knobs of the synthetic runs (defaults: the paper's protocol).
+
+    A knob left at None (``rel_biases``) takes the value the experiment registers for it. Sequence
+    knobs are stored as tuples (lists are converted). Each field's help text is in its metadata
+    (``open-clip-sigrel synth --help`` shows it).
+    """
+
+    n: int = _knob(100, "pairs N")
+    dim: int = _knob(10, "embedding dimension d")
+    steps: int = _knob(10_000, "Adam steps (full batch)")
+    lr: float = _knob(1e-2, "Adam learning rate (all parameters)")
+    seed: int = _knob(0, "seed of the initial embeddings")
+    repeats: int = _knob(1, "seeds seed .. seed + repeats - 1")
+    normalize: str = _knob("pairs", "loss normalisation: mean over N^2 (pairs, the paper's code), / N (batch, "
+                           "open_clip) or sum", choices=NORMALIZATIONS)
+    record_every: int = _knob(100, "curve resolution (steps)")
+    t0: float = _knob(10.0, "initial t (trained runs)")
+    backend: str = _knob("batched", "batched: all runs in one tensor program; loop: sigrel_loss per run (reference)",
+                         choices=BACKENDS)
+    threads: int = _knob(1, "torch threads during the run, the caller's count restored after (small tensors: 1 is "
+                         "fastest; 0 leaves it as is)")
+    b0: tuple[float, ...] = _knob(DEFAULT_B0, "bias-vs-rel / frozen: starts b0 (abs: logit_bias0 = -b0; rel: "
+                                  "b_rel0 = b0 / t0)", group="experiment knobs")
+    rel_biases: tuple[float, ...] | None = _knob(None, "fixed b_rel values", group="experiment knobs")
+    t_values: tuple[float, ...] = _knob((10.0, 100.0), "fixed-t: frozen t values", group="experiment knobs")
+    b_rel0: float = _knob(0.0, "initial b_rel of trained-bias runs (fixed-t, modalities, xi)", group="experiment knobs")
+    t0s: tuple[float, ...] = _knob((1.0, 10.0, 100.0), "init-grid: initial t values", group="experiment knobs")
+    b_rel0s: tuple[float, ...] = _knob((-0.5, 0.0, 0.5, 1.0), "init-grid: initial b_rel", group="experiment knobs")
+    fixed_t: float = _knob(10.0, "frozen: the fixed-t runs' t", group="experiment knobs")
+    ks: tuple[int, ...] = _knob((2, 3, 5, 10, 20), "modalities: numbers of modalities", group="experiment knobs")
+    graphs: tuple[str, ...] = _knob(GRAPHS, "modalities: pair graphs", group="experiment knobs", choices=GRAPHS)
+    dims: tuple[int, ...] = _knob((5, 10, 20, 50), "xi: dimensions", group="experiment knobs")
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if isinstance(getattr(self, f.name), list):
+                object.__setattr__(self, f.name, tuple(getattr(self, f.name)))  # frozen, hashable, comparable
+        for name, ok, need in (
+            ("n", self.n >= 2, ">= 2"), ("dim", self.dim >= 1, ">= 1"), ("steps", self.steps >= 0, ">= 0"),
+            ("lr", self.lr > 0, "> 0"), ("record_every", self.record_every >= 1, ">= 1"),
+            ("repeats", self.repeats >= 1, ">= 1"), ("threads", self.threads >= 0, ">= 0"),
+        ):
+            if not ok:
+                raise ValueError(f"{name} must be {need}, got {getattr(self, name)!r}")
+        normalizer(self.normalize, 1, 1)  # raises on an unknown normalisation
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        for graph in self.graphs:
+            graph_edges(2, graph)
+        for k in self.ks:
+            graph_edges(k, GRAPHS[0])
+        if any(d < 1 for d in self.dims):
+            raise ValueError(f"dims must be >= 1, got {self.dims}")
+
+    @property
+    def seeds(self) -> list[int]:
+        """seed, seed + 1, ..., seed + repeats - 1."""
+        return [self.seed + i for i in range(self.repeats)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -50,15 +136,15 @@ DEFAULT_REL_BIASES = (-1.0, -0.8, -0.6, -0.4, -0.2, 0.0, 0.2, 0.4, 0.5, 0.6, 0.8
 class RunSpec:
     """One synthetic run.
 
-    kind: "rel" trains b_rel itself; "abs" trains open_clip's logit_bias (b_rel = -logit_bias / t).
-    t0, b_rel0: initial t and b_rel (an "abs" run starts at logit_bias0 = -t0 * b_rel0: same logits).
+    kind: "rel" trains b_rel itself; "abs" trains open_clip's logit_bias.
+    t0, b_rel0: initial t and b_rel (an "abs" run starts at the same logits, logit_bias0 = -t0 * b_rel0).
     train_t / train_b: whether log t / the bias are trained; train_u: whether modality 0 (U) is trained.
     """
 
     name: str
     kind: str = "rel"
-    t0: float = 10.0
-    b_rel0: float = 0.0
+    t0: float = SynthConfig.t0
+    b_rel0: float = SynthConfig.b_rel0
     train_t: bool = True
     train_b: bool = True
     train_u: bool = True
@@ -74,8 +160,8 @@ class RunSpec:
 
     @property
     def logit_bias0(self) -> float:
-        """open_clip's logit_bias at the start: -t0 * b_rel0."""
-        return -self.t0 * self.b_rel0
+        """open_clip's logit_bias at the start."""
+        return logit_bias_from_rel_bias(self.b_rel0, self.t0)
 
 
 def init_embeddings(seed: int, n: int, dim: int, k: int = 2) -> torch.Tensor:
@@ -84,30 +170,22 @@ def init_embeddings(seed: int, n: int, dim: int, k: int = 2) -> torch.Tensor:
     return F.normalize(torch.randn(k, n, dim, generator=gen, dtype=torch.float32), dim=-1)
 
 
-def _edges(k: int, graph: str) -> list[tuple[int, int]]:
-    if k < 2:
-        raise ValueError(f"need k >= 2 modalities, got {k}")
-    if graph == "complete":
-        return [(a, c) for a in range(k) for c in range(a + 1, k)]
-    if graph == "star":
-        return [(0, c) for c in range(1, k)]
-    raise ValueError(f"graph must be 'complete' or 'star', got {graph!r}")
-
-
 @torch.no_grad()
 def _geometry(feats: torch.Tensor, edges: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
-    """Per run: min positive, max negative similarity over the graph's pairs, and xi (edge mean)."""
+    """Per run (R,): min positive and max negative similarity over the graph's pairs, the halved
+    margin m* and b*_rel they give, and xi (mean over the edges)."""
     ia = [a for a, _ in edges]
     ic = [c for _, c in edges]
     x, y = feats[:, ia], feats[:, ic]  # (R, E, n, d)
     s = x @ y.transpose(-1, -2)
     n = s.shape[-1]
-    pos = s.diagonal(dim1=-2, dim2=-1)
+    min_pos = s.diagonal(dim1=-2, dim2=-1).amin((-1, -2))
     eye = torch.eye(n, dtype=torch.bool)
-    neg_max = s.masked_fill(eye, -math.inf).amax((-1, -2))
+    max_neg = s.masked_fill(eye, -math.inf).amax((-1, -2)).amax(-1)
+    margin, b_star = margin_and_rel_bias(min_pos, max_neg)
     diff = x - y
     xi = (diff - diff.mean(-2, keepdim=True)).pow(2).sum(-1).mean(-1)
-    return {"min_pos": pos.amin((-1, -2)), "max_neg": neg_max.amax(-1), "xi": xi.mean(-1)}
+    return {"min_pos": min_pos, "max_neg": max_neg, "margin": margin, "b_star": b_star, "xi": xi.mean(-1)}
 
 
 @torch.no_grad()
@@ -137,15 +215,15 @@ def _make_adam(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
 def train_runs(
     specs: Sequence[RunSpec],
     *,
-    n: int = 100,
-    dim: int = 10,
-    steps: int = 10_000,
-    lr: float = 1e-2,
-    normalize: str = "pairs",
-    record_every: int = 100,
+    n: int = SynthConfig.n,
+    dim: int = SynthConfig.dim,
+    steps: int = SynthConfig.steps,
+    lr: float = SynthConfig.lr,
+    normalize: str = SynthConfig.normalize,
+    record_every: int = SynthConfig.record_every,
     k: int = 2,
-    graph: str = "complete",
-    backend: str = "batched",
+    graph: str = GRAPHS[0],
+    backend: str = SynthConfig.backend,
     keep_similarities: bool = True,
     keep_features: bool = False,
 ) -> list[dict[str, Any]]:
@@ -156,15 +234,13 @@ def train_runs(
     ``backend="loop"`` computes the gradient by calling the project's ``sigrel_loss`` /
     ``multimodal_sigrel_loss`` once per run (the reference, slower); "batched" uses
     ``loss.batched_sigrel_loss`` (checked equal in the tests). Reported losses always come from the
-    project's functions, evaluated in float64 at the record steps.
+    project's functions, evaluated in float64 at the record steps. The defaults are SynthConfig's.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    # the same checks (and messages) as a SynthConfig built from these values
+    SynthConfig(n=n, dim=dim, steps=steps, lr=lr, normalize=normalize, record_every=record_every, backend=backend)
+    edges = graph_edges(k, graph)
     if not specs:
         return []
-    if n < 2 or dim < 1 or steps < 0 or record_every < 1 or lr <= 0:
-        raise ValueError(f"bad sizes: n={n} dim={dim} steps={steps} record_every={record_every} lr={lr}")
-    edges = _edges(k, graph)
     r_count = len(specs)
     feats = torch.stack([init_embeddings(s.seed, n, dim, k) for s in specs]).requires_grad_(True)
     log_t = torch.tensor([math.log(s.t0) for s in specs], dtype=torch.float32, requires_grad=True)
@@ -184,7 +260,7 @@ def train_runs(
 
     def scalars() -> tuple[torch.Tensor, torch.Tensor]:
         t = log_t.exp()
-        return t, torch.where(is_abs, -bias / t, bias)
+        return t, torch.where(is_abs, rel_bias_from_logit_bias(bias, t), bias)
 
     def step_loss() -> torch.Tensor:
         t, b = scalars()
@@ -207,17 +283,18 @@ def train_runs(
         return losses.sum()
 
     curves: dict[str, list] = {key: [] for key in ("step", "loss", "t", "b_rel", "margin", "b_star", "xi")}
+    last: dict[str, torch.Tensor] = {}  # the geometry of the latest record (the final one at the end)
 
     def record(step: int) -> None:
         with torch.no_grad():
             t, b = scalars()
             geo = _geometry(feats.detach(), edges)
             losses = _reference_losses(feats.detach(), t, b, k, graph, normalize)
-        margin = (geo["min_pos"] - geo["max_neg"]) / 2
-        b_star = (geo["min_pos"] + geo["max_neg"]) / 2
+        last.update(geo)
         curves["step"].append(step)
         curves["loss"].append(losses)
-        for key, val in (("t", t), ("b_rel", b), ("margin", margin), ("b_star", b_star), ("xi", geo["xi"])):
+        for key, val in (("t", t), ("b_rel", b), ("margin", geo["margin"]), ("b_star", geo["b_star"]),
+                         ("xi", geo["xi"])):
             curves[key].append(val.tolist())
 
     record(0)
@@ -249,14 +326,13 @@ def train_runs(
         x, y = fin[:, ia], fin[:, ic]
         sims = x @ y.transpose(-1, -2)  # (R, E, n, n)
         eye = torch.eye(n, dtype=torch.bool)
+    min_pos, max_neg = last["min_pos"].tolist(), last["max_neg"].tolist()
     for r, spec in enumerate(specs):
         per_run = {key: [row[r] for row in vals] if key != "step" else list(vals) for key, vals in curves.items()}
         final = {key: per_run[key][-1] for key in per_run if key != "step"}
-        t_final = final["t"]
-        final["logit_bias"] = -t_final * final["b_rel"]
+        final["logit_bias"] = logit_bias_from_rel_bias(final["b_rel"], final["t"])
         final["steps"] = steps
-        final["min_pos"] = final["b_star"] + final["margin"]
-        final["max_neg"] = final["b_star"] - final["margin"]
+        final["min_pos"], final["max_neg"] = min_pos[r], max_neg[r]
         res: dict[str, Any] = {"spec": asdict(spec), "final": final, "curves": per_run}
         if keep_similarities:
             res["pos"] = sims[r].diagonal(dim1=-2, dim2=-1).reshape(-1).clone()
@@ -268,7 +344,7 @@ def train_runs(
 
 
 # ----------------------------------------------------------------------------------------------
-# Experiments
+# Experiments: a registry of run builders
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class Batch:
@@ -277,121 +353,189 @@ class Batch:
     specs: list[RunSpec]
     dim: int
     k: int = 2
-    graph: str = "complete"
+    graph: str = GRAPHS[0]
 
 
-def _seeds(opts: dict[str, Any]) -> list[int]:
-    return [int(opts["seed"]) + i for i in range(int(opts.get("repeats", 1)))]
+@dataclass(frozen=True)
+class Experiment:
+    """A registered experiment: its runs are ``build(config)``; ``defaults`` fill the config knobs left
+    at None (e.g. the b_rel values of fixed-rel-bias)."""
+
+    name: str
+    description: str
+    build: Callable[[SynthConfig], list[Batch]]
+    defaults: Mapping[str, Any]
 
 
-def build_batches(experiment: str, opts: dict[str, Any]) -> list[Batch]:
-    """The runs of an experiment (see the module docstring and ``configure_parser`` for the options)."""
-    seeds = _seeds(opts)
-    dim, t0 = int(opts["dim"]), float(opts["t0"])
-    specs: list[RunSpec] = []
-    if experiment == "bias-vs-rel":
-        for seed in seeds:
-            for b0 in opts["b0"]:
-                for kind in ("abs", "rel"):
-                    # same starting logits: logit_bias0 = -b0 (abs), b_rel0 = b0 / t0 (rel)
-                    specs.append(RunSpec(f"{kind} b0={b0:g}" + (f" s{seed}" if len(seeds) > 1 else ""),
-                                         kind=kind, t0=t0, b_rel0=b0 / t0, seed=seed, group=kind,
-                                         info={"b0": b0}))
-        return [Batch(specs, dim)]
-    if experiment == "fixed-rel-bias":
-        for seed in seeds:
-            for b in opts["rel_biases"]:
-                specs.append(RunSpec(f"b_rel={b:g} fixed" + (f" s{seed}" if len(seeds) > 1 else ""),
-                                     t0=t0, b_rel0=b, train_b=False, seed=seed, group="fixed b_rel"))
-        return [Batch(specs, dim)]
-    if experiment == "fixed-t":
-        for seed in seeds:
-            sfx = f" s{seed}" if len(seeds) > 1 else ""
-            t_modes = [(f"t={tv:g} fixed", tv, False) for tv in opts["t_values"]] + [(f"t0={t0:g} trained", t0, True)]
-            b_modes = [(f"b_rel={b:g} fixed", b, False) for b in opts["rel_biases"]]
-            b_modes.append((f"b_rel0={opts['b_rel0']:g} trained", float(opts["b_rel0"]), True))
-            for t_name, tv, t_train in t_modes:
-                for b_name, bv, b_train in b_modes:
-                    specs.append(RunSpec(f"{t_name}, {b_name}{sfx}", t0=tv, b_rel0=bv, train_t=t_train,
-                                         train_b=b_train, seed=seed, group=t_name))
-        return [Batch(specs, dim)]
-    if experiment == "init-grid":
-        for seed in seeds:
-            for tv in opts["t0s"]:
-                for bv in opts["b_rel0s"]:
-                    specs.append(RunSpec(f"t0={tv:g} b_rel0={bv:g}" + (f" s{seed}" if len(seeds) > 1 else ""),
-                                         t0=tv, b_rel0=bv, seed=seed, group=f"t0={tv:g}"))
-        return [Batch(specs, dim)]
-    if experiment == "frozen":
-        for seed in seeds:
-            sfx = f" s{seed}" if len(seeds) > 1 else ""
-            for b0 in opts["b0"]:
-                specs.append(RunSpec(f"rel b0={b0:g}{sfx}", kind="rel", t0=t0, b_rel0=b0 / t0, train_u=False,
-                                     seed=seed, group="relative", info={"b0": b0}))
-                specs.append(RunSpec(f"abs b0={b0:g}{sfx}", kind="abs", t0=t0, b_rel0=b0 / t0, train_u=False,
-                                     seed=seed, group="absolute", info={"b0": b0}))
-                tf = float(opts["fixed_t"])
-                specs.append(RunSpec(f"t={tf:g} fixed b0={b0:g}{sfx}", kind="rel", t0=tf, b_rel0=b0 / t0,
-                                     train_t=False, train_u=False, seed=seed, group="fixed t", info={"b0": b0}))
-        return [Batch(specs, dim)]
-    if experiment == "modalities":
-        batches = []
-        for kk in opts["ks"]:
-            for graph in opts["graphs"]:
-                if kk == 2 and graph != opts["graphs"][0]:
-                    continue  # k = 2: both graphs are the single edge
-                bspecs = [RunSpec(f"k={kk} {graph}" + (f" s{seed}" if len(seeds) > 1 else ""), t0=t0,
-                                  b_rel0=float(opts["b_rel0"]), seed=seed, group=graph, info={"k": kk, "graph": graph})
-                          for seed in seeds]
-                batches.append(Batch(bspecs, dim, k=int(kk), graph=graph))
-        return batches
-    if experiment == "xi":
-        return [Batch([RunSpec(f"d={d}" + (f" s{seed}" if len(seeds) > 1 else ""), t0=t0, b_rel0=float(opts["b_rel0"]),
-                               seed=seed, group=f"d={d}", info={"dim": int(d)}) for seed in seeds], int(d))
-                for d in opts["dims"]]
-    raise ValueError(f"unknown experiment {experiment!r}; choose from {', '.join(EXPERIMENTS)}")
+_REGISTRY: dict[str, Experiment] = {}
+#: name -> Experiment, in registration order (a read-only view of the registry)
+EXPERIMENTS: Mapping[str, Experiment] = MappingProxyType(_REGISTRY)
 
 
-DEFAULTS: dict[str, Any] = {
-    "n": 100, "dim": 10, "steps": 10_000, "lr": 1e-2, "seed": 0, "repeats": 1, "normalize": "pairs",
-    "record_every": 100, "t0": 10.0, "b0": list(DEFAULT_B0), "rel_biases": None, "t_values": [10.0, 100.0],
-    "b_rel0": 0.0, "t0s": [1.0, 10.0, 100.0], "b_rel0s": [-0.5, 0.0, 0.5, 1.0], "fixed_t": 10.0,
-    "ks": [2, 3, 5, 10, 20], "graphs": ["complete", "star"], "dims": [5, 10, 20, 50], "backend": "batched",
-    "threads": 1,
-}
+def register_experiment(name: str, description: str, **defaults: Any) -> Callable:
+    """Decorator: register ``build(config: SynthConfig) -> list[Batch]`` as experiment ``name``.
 
-
-def run_experiment(experiment: str, output: str | None = None, plots: bool = True, **options: Any) -> dict[str, Any]:
-    """Run one experiment; returns the summary dict (also written to ``output``/summary.json).
-
-    Options (defaults in ``DEFAULTS``): n, dim, steps, lr, seed, repeats, normalize, record_every, t0,
-    b0 (bias-vs-rel, frozen), rel_biases (fixed-rel-bias; fixed-t: default [0.0, 0.5]), t_values,
-    b_rel0, t0s, b_rel0s, fixed_t, ks, graphs, dims, backend, threads (torch threads during the run).
+    ``defaults``: SynthConfig knobs this experiment sets when the caller leaves them at None.
     """
-    if experiment not in EXPERIMENTS:
-        raise ValueError(f"unknown experiment {experiment!r}; choose from {', '.join(EXPERIMENTS)}")
-    unknown = set(options) - set(DEFAULTS)
+    known = {f.name for f in fields(SynthConfig)}
+    if set(defaults) - known:
+        raise TypeError(f"unknown SynthConfig fields in defaults: {sorted(set(defaults) - known)}")
+
+    def decorator(build: Callable[[SynthConfig], list[Batch]]) -> Callable[[SynthConfig], list[Batch]]:
+        if name in _REGISTRY:
+            raise ValueError(f"experiment {name!r} is already registered")
+        _REGISTRY[name] = Experiment(name, description, build, MappingProxyType(dict(defaults)))
+        return build
+
+    return decorator
+
+
+def get_experiment(name: str) -> Experiment:
+    """The registered experiment ``name``; ValueError listing the choices otherwise."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown experiment {name!r}; choose from {', '.join(_REGISTRY)}") from None
+
+
+def _sfx(cfg: SynthConfig, seed: int) -> str:
+    """Run-name suffix naming the seed when there are several."""
+    return f" s{seed}" if cfg.repeats > 1 else ""
+
+
+@register_experiment("bias-vs-rel", "absolute logit_bias vs relative b_rel, trained from the same logits (--b0)")
+def _bias_vs_rel(cfg: SynthConfig) -> list[Batch]:
+    # same starting logits: logit_bias0 = -b0 (abs), b_rel0 = b0 / t0 (rel)
+    specs = [RunSpec(f"{kind} b0={b0:g}{_sfx(cfg, seed)}", kind=kind, t0=cfg.t0, b_rel0=b0 / cfg.t0, seed=seed,
+                     group=kind, info={"b0": b0})
+             for seed in cfg.seeds for b0 in cfg.b0 for kind in ("abs", "rel")]
+    return [Batch(specs, cfg.dim)]
+
+
+@register_experiment("fixed-rel-bias", "b_rel frozen at each of --rel-biases; t and the embeddings trained",
+                     rel_biases=DEFAULT_REL_BIASES)
+def _fixed_rel_bias(cfg: SynthConfig) -> list[Batch]:
+    specs = [RunSpec(f"b_rel={b:g} fixed{_sfx(cfg, seed)}", t0=cfg.t0, b_rel0=b, train_b=False, seed=seed,
+                     group="fixed b_rel")
+             for seed in cfg.seeds for b in cfg.rel_biases]
+    return [Batch(specs, cfg.dim)]
+
+
+@register_experiment("fixed-t", "t frozen (each of --t-values) or trained, crossed with b_rel frozen "
+                     "(each of --rel-biases) or trained", rel_biases=(0.0, 0.5))
+def _fixed_t(cfg: SynthConfig) -> list[Batch]:
+    t_modes = [(f"t={tv:g} fixed", tv, False) for tv in cfg.t_values] + [(f"t0={cfg.t0:g} trained", cfg.t0, True)]
+    b_modes = [(f"b_rel={b:g} fixed", b, False) for b in cfg.rel_biases]
+    b_modes.append((f"b_rel0={cfg.b_rel0:g} trained", cfg.b_rel0, True))
+    specs = [RunSpec(f"{t_name}, {b_name}{_sfx(cfg, seed)}", t0=tv, b_rel0=bv, train_t=t_train, train_b=b_train,
+                     seed=seed, group=t_name)
+             for seed in cfg.seeds for t_name, tv, t_train in t_modes for b_name, bv, b_train in b_modes]
+    return [Batch(specs, cfg.dim)]
+
+
+@register_experiment("init-grid", "t and b_rel trained from a grid of starts (--t0s x --b-rel0s)")
+def _init_grid(cfg: SynthConfig) -> list[Batch]:
+    specs = [RunSpec(f"t0={tv:g} b_rel0={bv:g}{_sfx(cfg, seed)}", t0=tv, b_rel0=bv, seed=seed, group=f"t0={tv:g}")
+             for seed in cfg.seeds for tv in cfg.t0s for bv in cfg.b_rel0s]
+    return [Batch(specs, cfg.dim)]
+
+
+@register_experiment("frozen", "modality 0 frozen: relative b_rel, absolute logit_bias and fixed t (--fixed-t), "
+                     "each from every --b0")
+def _frozen(cfg: SynthConfig) -> list[Batch]:
+    specs = []
+    for seed in cfg.seeds:
+        for b0 in cfg.b0:
+            common = dict(b_rel0=b0 / cfg.t0, train_u=False, seed=seed)
+            sfx = _sfx(cfg, seed)
+            specs.append(RunSpec(f"rel b0={b0:g}{sfx}", kind="rel", t0=cfg.t0, group="relative", info={"b0": b0},
+                                 **common))
+            specs.append(RunSpec(f"abs b0={b0:g}{sfx}", kind="abs", t0=cfg.t0, group="absolute", info={"b0": b0},
+                                 **common))
+            specs.append(RunSpec(f"t={cfg.fixed_t:g} fixed b0={b0:g}{sfx}", kind="rel", t0=cfg.fixed_t, train_t=False,
+                                 group="fixed t", info={"b0": b0}, **common))
+    return [Batch(specs, cfg.dim)]
+
+
+@register_experiment("modalities", "k modalities sharing one (t, b_rel), paired by a graph (--ks x --graphs)")
+def _modalities(cfg: SynthConfig) -> list[Batch]:
+    batches = []
+    for k in cfg.ks:
+        for graph in cfg.graphs:
+            if k == 2 and graph != cfg.graphs[0]:
+                continue  # k = 2: every graph is the single edge
+            specs = [RunSpec(f"k={k} {graph}{_sfx(cfg, seed)}", t0=cfg.t0, b_rel0=cfg.b_rel0, seed=seed, group=graph,
+                             info={"k": k, "graph": graph}) for seed in cfg.seeds]
+            batches.append(Batch(specs, cfg.dim, k=int(k), graph=graph))
+    return batches
+
+
+@register_experiment("xi", "the centred gap xi of trained runs against the dimension (--dims)")
+def _xi(cfg: SynthConfig) -> list[Batch]:
+    return [Batch([RunSpec(f"d={d}{_sfx(cfg, seed)}", t0=cfg.t0, b_rel0=cfg.b_rel0, seed=seed, group=f"d={d}",
+                           info={"dim": int(d)}) for seed in cfg.seeds], int(d))
+            for d in cfg.dims]
+
+
+def resolve_config(experiment: str, config: SynthConfig | None = None, **options: Any) -> SynthConfig:
+    """``config`` (default SynthConfig()) with ``options`` applied (None: keep) and the experiment's
+    defaults filled in. ValueError for an unknown experiment or a bad value, TypeError for an unknown option."""
+    exp = get_experiment(experiment)
+    known = {f.name for f in fields(SynthConfig)}
+    unknown = set(options) - known
     if unknown:
-        raise TypeError(f"unknown options: {sorted(unknown)}")
-    opts = {**DEFAULTS, **{key: v for key, v in options.items() if v is not None}}
-    if opts["rel_biases"] is None:
-        opts["rel_biases"] = [0.0, 0.5] if experiment == "fixed-t" else list(DEFAULT_REL_BIASES)
-    if opts["normalize"] not in ("batch", "pairs", "sum"):
-        raise ValueError(f"normalize must be 'batch', 'pairs' or 'sum', got {opts['normalize']!r}")
-    batches = build_batches(experiment, opts)
-    old_threads = torch.get_num_threads()
-    if opts["threads"]:
-        torch.set_num_threads(int(opts["threads"]))
+        raise TypeError(f"unknown options: {sorted(unknown)}; SynthConfig has {', '.join(sorted(known))}")
+    cfg = replace(config or SynthConfig(), **{key: v for key, v in options.items() if v is not None})
+    fill = {key: v for key, v in exp.defaults.items() if getattr(cfg, key) is None}
+    return replace(cfg, **fill) if fill else cfg
+
+
+def build_batches(experiment: str, config: SynthConfig | None = None, **options: Any) -> list[Batch]:
+    """The runs of an experiment, grouped into batches of equal shapes (see ``resolve_config``)."""
+    return get_experiment(experiment).build(resolve_config(experiment, config, **options))
+
+
+@contextmanager
+def _torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``count`` inside the block (0: unchanged), restored after."""
+    old = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if count:
+            torch.set_num_threads(old)
+
+
+def _jsonable_config(cfg: SynthConfig) -> dict[str, Any]:
+    return {key: list(v) if isinstance(v, tuple) else v for key, v in asdict(cfg).items()}
+
+
+def run_experiment(
+    experiment: str, output: str | os.PathLike | None = None, plots: bool = True, config: SynthConfig | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Run one registered experiment; returns the summary dict.
+
+    ``config`` / ``options``: a SynthConfig and field overrides (see ``resolve_config``). With ``output``
+    the summary is also written to output/summary.json, the curves to output/curves.json and, with
+    ``plots``, the figures to output/curves.png and output/histograms.png (matplotlib, the 'plots' extra:
+    checked before training). torch's thread count is set to ``threads`` for the run and restored.
+    """
+    cfg = resolve_config(experiment, config, **options)
+    if output and plots:
+        require("matplotlib", "plots")  # fail before minutes of training, not after
+    batches = get_experiment(experiment).build(cfg)
     results: list[dict[str, Any]] = []
     batch_info = []
     start = time.perf_counter()
-    try:
+    with _torch_threads(cfg.threads):
         for batch in batches:
             t_b = time.perf_counter()
             res = train_runs(
-                batch.specs, n=int(opts["n"]), dim=batch.dim, steps=int(opts["steps"]), lr=float(opts["lr"]),
-                normalize=opts["normalize"], record_every=int(opts["record_every"]), k=batch.k,
-                graph=batch.graph, backend=opts["backend"],
+                batch.specs, n=cfg.n, dim=batch.dim, steps=cfg.steps, lr=cfg.lr, normalize=cfg.normalize,
+                record_every=cfg.record_every, k=batch.k, graph=batch.graph, backend=cfg.backend,
             )
             wall = time.perf_counter() - t_b
             for item in res:
@@ -399,12 +543,10 @@ def run_experiment(experiment: str, output: str | None = None, plots: bool = Tru
             results.extend(res)
             batch_info.append({"dim": batch.dim, "k": batch.k, "graph": batch.graph, "runs": len(batch.specs),
                                "wall_time_s": round(wall, 3)})
-    finally:
-        torch.set_num_threads(old_threads)
     wall_total = time.perf_counter() - start
     summary = {
         "experiment": experiment,
-        "config": {**opts, "torch": torch.__version__, "protocol": (
+        "config": {**_jsonable_config(cfg), "torch": torch.__version__, "protocol": (
             "U, V (and further modalities) are the parameters: Gaussian rows normalised to the sphere; Adam on "
             "log t, the bias and the embeddings; all N^2 pairs per step; re-projection after every step")},
         "seeds": sorted({item["spec"]["seed"] for item in results}),
@@ -413,6 +555,7 @@ def run_experiment(experiment: str, output: str | None = None, plots: bool = Tru
         "runs": [_run_summary(item) for item in results],
     }
     if output:
+        output = os.fspath(output)
         os.makedirs(output, exist_ok=True)
         with open(os.path.join(output, "summary.json"), "w") as fh:
             json.dump(summary, fh, indent=2)
@@ -429,7 +572,7 @@ def _run_summary(item: dict[str, Any]) -> dict[str, Any]:
     spec = item["spec"]
     return {
         "name": spec["name"], "group": spec["group"], "kind": spec["kind"], "seed": spec["seed"],
-        "t0": spec["t0"], "b_rel0": spec["b_rel0"], "logit_bias0": -spec["t0"] * spec["b_rel0"],
+        "t0": spec["t0"], "b_rel0": spec["b_rel0"], "logit_bias0": logit_bias_from_rel_bias(spec["b_rel0"], spec["t0"]),
         "train_t": spec["train_t"], "train_b": spec["train_b"], "train_u": spec["train_u"],
         "dim": item["dim"], "k": item["k"], "graph": item["graph"], "info": spec["info"],
         "final": item["final"],
@@ -437,51 +580,41 @@ def _run_summary(item: dict[str, Any]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Output: table and plots
+# Figures (an Agg canvas per figure: no pyplot state, the caller's matplotlib backend untouched)
 # ----------------------------------------------------------------------------------------------
-def format_table(summary: dict[str, Any]) -> str:
-    """Console table of the final values of every run."""
-    head = ("run", "seed", "loss", "t", "b_rel", "m*", "b*_rel", "xi")
-    rows = []
-    for run in summary["runs"]:
-        f = run["final"]
-        rows.append((run["name"], str(run["seed"]), f"{f['loss']:.3e}", f"{f['t']:.4g}", f"{f['b_rel']:+.4f}",
-                     f"{f['margin']:+.4f}", f"{f['b_star']:+.4f}", f"{f['xi']:.2e}"))
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-    line = "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(head, widths)))
-    out = [f"{summary['experiment']}: {len(rows)} runs, {summary['wall_time_s']:.1f} s", line, "-" * len(line)]
-    for r in rows:
-        out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
-    return "\n".join(out)
+def _figure(**kwargs: Any):
+    figure = require("matplotlib.figure", "plots")
+    agg = require("matplotlib.backends.backend_agg", "plots")
+    fig = figure.Figure(**kwargs)
+    agg.FigureCanvasAgg(fig)
+    return fig
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+def _colormap(name: str):
+    return require("matplotlib", "plots").colormaps[name]
 
 
 def plot_curves(results: list[dict[str, Any]], path: str, title: str = "") -> None:
-    """DIR/curves.png: loss (log), t (log), b_rel, halved margin m* and xi over steps, every run."""
-    plt = _pyplot()
+    """curves.png: loss (log), t (log), b_rel, halved margin m* and xi over steps, every run."""
     keys = (("loss", "loss (log)", True), ("t", "t (log)", True), ("b_rel", "b_rel = -logit_bias / t", False),
             ("margin", "halved margin m*", False), ("xi", "xi", False))
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 4.2))
+    fig = _figure(figsize=(4.2 * len(keys), 4.2))
+    axes = fig.subplots(1, len(keys))
     # runs that share a start (same b0 / k) share a colour; absolute-bias runs are dashed
+
+    def colour_key(item: dict[str, Any]) -> Any:
+        info = item["spec"]["info"]
+        return info.get("b0", info.get("k", item["spec"]["name"]))
+
     colour_keys: list[Any] = []
     for item in results:
-        key = item["spec"]["info"].get("b0", item["spec"]["info"].get("k", item["spec"]["name"]))
-        if key not in colour_keys:
-            colour_keys.append(key)
-    cmap = plt.get_cmap("tab20" if len(colour_keys) > 10 else "tab10")
+        if colour_key(item) not in colour_keys:
+            colour_keys.append(colour_key(item))
+    cmap = _colormap("tab20" if len(colour_keys) > 10 else "tab10")
     for item in results:
         cur = item["curves"]
         style = "--" if item["spec"]["kind"] == "abs" else ":" if not item["spec"]["train_t"] else "-"
-        colour = cmap(colour_keys.index(item["spec"]["info"].get("b0", item["spec"]["info"].get(
-            "k", item["spec"]["name"]))) % cmap.N)
+        colour = cmap(colour_keys.index(colour_key(item)) % cmap.N)
         for ax, (key, _, logy) in zip(axes, keys):
             ys = [max(v, 1e-30) for v in cur[key]] if logy else cur[key]
             ax.plot(cur["step"], ys, style, color=colour, lw=1.2, label=item["spec"]["name"])
@@ -497,16 +630,15 @@ def plot_curves(results: list[dict[str, Any]], path: str, title: str = "") -> No
     fig.suptitle(f"{title}: solid = b_rel trained as such, dashed = absolute logit_bias trained, dotted = t fixed")
     fig.tight_layout(rect=(0, 0.06 + 0.025 * math.ceil(len(labels) / 6), 1, 0.95))
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_histograms(results: list[dict[str, Any]], path: str, title: str = "") -> None:
-    """DIR/histograms.png: final positive vs negative similarities per run, with b_rel and b_rel +- m*."""
-    plt = _pyplot()
+    """histograms.png: final positive vs negative similarities per run, with b_rel and b_rel +- m*."""
     count = len(results)
     cols = min(5, count)
     rows = math.ceil(count / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.7 * rows), squeeze=False)
+    fig = _figure(figsize=(3.4 * cols, 2.7 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat[count:]:
         ax.axis("off")
     for ax, item in zip(axes.flat, results):
@@ -527,62 +659,3 @@ def plot_histograms(results: list[dict[str, Any]], path: str, title: str = "") -
     fig.suptitle(f"{title}: final similarities (dotted: min positive / max negative)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI
-# ----------------------------------------------------------------------------------------------
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """Flags of `open-clip-sigrel synth`."""
-    parser.add_argument("experiment", choices=EXPERIMENTS, help="which experiment")
-    parser.add_argument("--output", required=True, help="directory for summary.json, curves.json and the PNGs")
-    parser.add_argument("--json", action="store_true", help="print the summary as one JSON document")
-    parser.add_argument("--no-plots", action="store_true", help="skip the PNG files")
-    g = parser.add_argument_group("protocol")
-    g.add_argument("--n", type=int, default=DEFAULTS["n"], help="pairs N")
-    g.add_argument("--dim", type=int, default=DEFAULTS["dim"], help="embedding dimension d")
-    g.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="Adam steps (full batch)")
-    g.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="Adam learning rate (all parameters)")
-    g.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="seed of the initial embeddings")
-    g.add_argument("--repeats", type=int, default=DEFAULTS["repeats"], help="seeds seed .. seed + repeats - 1")
-    g.add_argument("--normalize", choices=("pairs", "batch", "sum"), default=DEFAULTS["normalize"],
-                   help="loss normalisation: mean over N^2 (the paper's code), / N (open_clip) or sum")
-    g.add_argument("--record-every", type=int, default=DEFAULTS["record_every"], help="curve resolution (steps)")
-    g.add_argument("--t0", type=float, default=DEFAULTS["t0"], help="initial t (trained runs)")
-    g.add_argument("--backend", choices=BACKENDS, default=DEFAULTS["backend"],
-                   help="batched: all runs in one tensor program; loop: sigrel_loss per run (reference)")
-    g.add_argument("--threads", type=int, default=DEFAULTS["threads"], help="torch threads (small tensors: 1 is fastest)")
-    e = parser.add_argument_group("experiment knobs")
-    e.add_argument("--b0", type=float, nargs="+", default=DEFAULTS["b0"],
-                   help="bias-vs-rel / frozen: starts b0 (abs: logit_bias0 = -b0; rel: b_rel0 = b0 / t0)")
-    e.add_argument("--rel-biases", type=float, nargs="+", default=None,
-                   help="fixed b_rel values (fixed-rel-bias: -1 .. 1; fixed-t: 0 0.5)")
-    e.add_argument("--t-values", type=float, nargs="+", default=DEFAULTS["t_values"], help="fixed-t: frozen t values")
-    e.add_argument("--b-rel0", type=float, default=DEFAULTS["b_rel0"],
-                   help="initial b_rel of trained-bias runs (fixed-t, modalities, xi)")
-    e.add_argument("--t0s", type=float, nargs="+", default=DEFAULTS["t0s"], help="init-grid: initial t values")
-    e.add_argument("--b-rel0s", type=float, nargs="+", default=DEFAULTS["b_rel0s"], help="init-grid: initial b_rel")
-    e.add_argument("--fixed-t", type=float, default=DEFAULTS["fixed_t"], help="frozen: the fixed-t runs' t")
-    e.add_argument("--ks", type=int, nargs="+", default=DEFAULTS["ks"], help="modalities: numbers of modalities")
-    e.add_argument("--graphs", choices=("complete", "star"), nargs="+", default=DEFAULTS["graphs"],
-                   help="modalities: pair graphs")
-    e.add_argument("--dims", type=int, nargs="+", default=DEFAULTS["dims"], help="xi: dimensions")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Entry of `open-clip-sigrel synth`."""
-    keys = [key for key in DEFAULTS if hasattr(args, key)]
-    try:
-        summary = run_experiment(args.experiment, output=args.output, plots=not args.no_plots,
-                                 **{key: getattr(args, key) for key in keys})
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        print(format_table(summary))
-        print(f"wrote {os.path.join(args.output, 'summary.json')}, curves.json, curves.png, histograms.png"
-              if not args.no_plots else f"wrote {os.path.join(args.output, 'summary.json')}, curves.json")
-    return 0
