@@ -40,6 +40,3 @@ def build_parser(first: list[str]) -> argparse.ArgumentParser:
             importlib.import_module(module).configure_parser(p)
     return parser
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -33,24 +33,32 @@ def _default(f: dataclasses.Field) -> Any:
     return dataclasses.MISSING
 
 
-def _scalar(hint: Any) -> Any:
-    """X for ``X | None`` / ``Optional[X]``, else the hint itself."""
+def _kind(hint: Any) -> tuple[Any, bool]:
+    """(argparse type, several values?) of an annotation: X, X | None, tuple[X, ...] (| None)."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         if len(args) == 1:
-            return args[0]
-    return hint
+            hint = args[0]
+    if typing.get_origin(hint) is tuple:
+        return typing.get_args(hint)[0], True
+    return hint, False
 
 
-def add_config_arguments(parser, config_cls: type, *, only: tuple[str, ...] | None = None) -> None:
-    """One flag per documented field of ``config_cls`` (or of the fields named in ``only``)."""
+def add_config_arguments(parser, config_cls: type, *, only: tuple[str, ...] | None = None,
+                         extra_help: dict[str, str] | None = None) -> None:
+    """One flag per documented field of ``config_cls`` (or of the fields named in ``only``); a field's
+    ``group`` metadata puts it in that argument group, ``extra_help`` appends to a field's help."""
     hints = typing.get_type_hints(config_cls)
+    groups: dict[str, Any] = {}
     for f in dataclasses.fields(config_cls):
         if "help" not in f.metadata or (only is not None and f.name not in only):
             continue
-        meta, default, kind = f.metadata, _default(f), _scalar(hints[f.name])
+        meta, default, (kind, several) = f.metadata, _default(f), _kind(hints[f.name])
         dashed = f.name.replace("_", "-")
-        kw: dict[str, Any] = {"dest": f.name, "help": meta["help"]}
+        kw: dict[str, Any] = {"dest": f.name, "help": meta["help"] + (extra_help or {}).get(f.name, "")}
+        target = parser
+        if "group" in meta:
+            target = groups.get(meta["group"]) or groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
         if kind is bool:
             flag = meta.get("flag", f"--no-{dashed}" if default else f"--{dashed}")
             kw["action"] = "store_false" if default else "store_true"
@@ -59,12 +67,14 @@ def add_config_arguments(parser, config_cls: type, *, only: tuple[str, ...] | No
         else:
             flag = meta.get("flag", f"--{dashed}")
             kw["type"] = kind
+            if several:
+                kw["nargs"] = "+"
             if default is dataclasses.MISSING:
                 kw["required"] = True
             else:
                 kw["default"] = list(default) if isinstance(default, tuple) else default
             kw.update({k: meta[k] for k in _PASSED if k in meta})
-        parser.add_argument(flag, **kw)
+        target.add_argument(flag, **kw)
 
 
 def config_from_args(config_cls: type, args, **extra: Any):

@@ -9,46 +9,23 @@ import argparse
 import json
 import os
 import sys
-import types
-import typing
 from dataclasses import fields
 from typing import Any
 
 from open_clip_sigrel._io import format_table
-from open_clip_sigrel.cli._fields import config_from_args
+from open_clip_sigrel.cli._fields import add_config_arguments, config_from_args
 from open_clip_sigrel.tools.synth import EXPERIMENTS, SynthConfig, run_experiment
 
 
-def _flag_type(hint: Any) -> tuple[Any, bool]:
-    """(argparse type, several values?) of a field annotation: X, X | None, tuple[X, ...] (| None)."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    if typing.get_origin(hint) is tuple:
-        return typing.get_args(hint)[0], True
-    return hint, False
-
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per SynthConfig field (``--record-every`` for ``record_every``): type from the annotation,
-    default, help, argument group and choices from the field."""
-    # not cli/_fields.add_config_arguments: it has no tuple[X, ...] (nargs) fields nor argument groups yet
-    hints = typing.get_type_hints(SynthConfig)
-    groups: dict[str, Any] = {}
+def _per_experiment_help() -> dict[str, str]:
+    """For fields whose default is None (filled per experiment): which experiment fills in what."""
+    out = {}
     for f in fields(SynthConfig):
-        meta = f.metadata
-        if meta["group"] not in groups:
-            groups[meta["group"]] = parser.add_argument_group(meta["group"])
-        kind, several = _flag_type(hints[f.name])
-        kwargs: dict[str, Any] = {"type": kind, "default": f.default, "help": meta["help"]}
-        if several:
-            kwargs["nargs"] = "+"
-        if "choices" in meta:
-            kwargs["choices"] = meta["choices"]
-        if f.default is None:  # filled per experiment: say by which
-            per = [f"{name}: {' '.join(f'{v:g}' if isinstance(v, float) else str(v) for v in exp.defaults[f.name])}"
-                   for name, exp in EXPERIMENTS.items() if f.name in exp.defaults]
-            kwargs["help"] += f"; None: the experiment's own ({'; '.join(per)})"
-        groups[meta["group"]].add_argument("--" + f.name.replace("_", "-"), **kwargs)
+        per = [f"{name}: {' '.join(f'{v:g}' if isinstance(v, float) else str(v) for v in exp.defaults[f.name])}"
+               for name, exp in EXPERIMENTS.items() if f.name in exp.defaults]
+        if f.default is None and per:
+            out[f.name] = f"; None: the experiment's own ({'; '.join(per)})"
+    return out
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -58,7 +35,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="directory for summary.json, curves.json and the PNGs")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON document")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG files")
-    add_config_arguments(parser)
+    add_config_arguments(parser, SynthConfig, extra_help=_per_experiment_help())
 
 
 def summary_table(summary: dict[str, Any]) -> str:

@@ -1,0 +1,5 @@
+import sys
+
+from open_clip_sigrel.cli import main
+
+sys.exit(main())
