@@ -78,7 +78,7 @@ PARSE_SCRIPT = textwrap.dedent(
     import open_clip_train.params as params
     assert params.__file__.startswith(sys.argv[1]), params.__file__
     from open_clip_sigrel.loss import SigRelLoss
-    from open_clip_sigrel.model import has_rel_bias
+    from open_clip_sigrel.model import has_rel_bias, sigrel_values
 
     base = ["--train-data", "x.csv", "--model", "sigrel-tiny"]
 
@@ -102,7 +102,7 @@ PARSE_SCRIPT = textwrap.dedent(
     model, _, _ = open_clip.factory.get_loss_plugin("sigrel").create_model_and_transforms(
         a, open_clip.create_model_and_transforms, a.model)
     report["rel_bias"] = has_rel_bias(model) and "rel_bias" in dict(model.named_parameters())
-    report["t_b"] = model.sigrel_values
+    report["t_b"] = sigrel_values(model)
     b, code, _ = run(["--train-data", "x.csv", "--model", "RN50"])
     report["stock"] = dict(code=code, loss=b.loss, siglip=b.siglip, sigrel=hasattr(b, "sigrel_normalize"),
                            max=getattr(b, "max_logit_scale", "absent"),

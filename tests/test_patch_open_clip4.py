@@ -99,7 +99,7 @@ PARSE_SCRIPT = textwrap.dedent(
     assert params.__file__.startswith(sys.argv[1]), params.__file__
     from open_clip.task import CLIPTask, SigLIPTask
     from open_clip_sigrel.loss import SigRelLoss
-    from open_clip_sigrel.model import has_rel_bias
+    from open_clip_sigrel.model import has_rel_bias, sigrel_values
 
     base = ["--train-data", "x.csv", "--model", "sigrel-tiny"]
 
@@ -128,7 +128,7 @@ PARSE_SCRIPT = textwrap.dedent(
     model, _, _ = plugin.create_model_and_transforms(a, open_clip.create_model_and_transforms, a.model,
                                                      output_dict=True)
     report["rel_bias"] = has_rel_bias(model) and "rel_bias" in dict(model.named_parameters())
-    report["t_b"] = model.sigrel_values
+    report["t_b"] = sigrel_values(model)
     task = open_clip.create_task(a, model)  # the patched factory calls plugin.create_task
     report["task"] = dict(cls=type(task).__name__, siglip_task=isinstance(task, SigLIPTask),
                           loss=type(getattr(task.loss, "loss", task.loss)).__name__,

@@ -12,6 +12,7 @@ import torch
 
 from open_clip_sigrel.cli import train as sigrel_train
 from open_clip_sigrel.hosts import common, open_clip3
+from open_clip_sigrel.model import sigrel_values
 
 
 def _argv(data, logs, name, *extra, epochs=2, val=True):
@@ -244,8 +245,8 @@ def test_pretrained_stock_checkpoint_starts_a_sigrel_fine_tune(tmp_path, logit_b
     model, _, _ = run.create_model_and_transforms(
         open_clip.create_model_and_transforms, args.model, args.pretrained, output_dict=True
     )
-    assert model.sigrel_values["logit_scale"] == pytest.approx(expect_t, rel=1e-5)
-    assert model.sigrel_values["rel_bias"] == pytest.approx(expect_b, rel=1e-5)
+    assert sigrel_values(model)["logit_scale"] == pytest.approx(expect_t, rel=1e-5)
+    assert sigrel_values(model)["rel_bias"] == pytest.approx(expect_b, rel=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import math
 
-from open_clip_sigrel.configs import get_sigrel_block
+from open_clip_sigrel.configs import SigrelConfig, get_sigrel_config
 from open_clip_sigrel.loss import DIST_IMPLS, NORMALIZATIONS
+from open_clip_sigrel.metrics.geometry import PRESETS as GEOMETRY_PRESETS
 
 LOSSES = ("clip", "siglip", "sigrel")
-DEFAULT_INIT_LOGIT_SCALE = 10.0  # t0 and b_rel0 of SigLIP: logit_bias0 = -t0 * b_rel0 = -10
-DEFAULT_INIT_REL_BIAS = 1.0
+# t0 and b_rel0 of SigLIP (logit_bias0 = -t0 * b_rel0 = -10): the sigrel block's defaults
+DEFAULT_INIT_LOGIT_SCALE = SigrelConfig.init_t
+DEFAULT_INIT_REL_BIAS = SigrelConfig.init_rel_bias
 OPEN_CLIP_MAX_LOGIT_SCALE = 100.0
 
 
@@ -42,8 +44,11 @@ def add_sigrel_arguments(parser) -> None:
                    "(the paper's code), sum")
     g.add_argument("--sigrel-chunk-size", type=int, default=None,
                    help="image rows per loss block (default: about 4M logits per block)")
-    g.add_argument("--sigrel-no-geometry", action="store_true",
-                   help="do not add geometry metrics to open_clip's evaluation")
+    g.add_argument("--sigrel-geometry", choices=(*GEOMETRY_PRESETS, "off"), default="cheap",
+                   help="geometry metrics added to open_clip's evaluation: cheap (default: all but the exact "
+                   "trimmed percentile and the L-BFGS separability fit), full (every group), off")
+    g.add_argument("--sigrel-no-geometry", dest="sigrel_geometry", action="store_const", const="off",
+                   help="same as --sigrel-geometry off")
 
 
 def resolve_args(args: argparse.Namespace) -> None:
@@ -69,20 +74,20 @@ def resolve_args(args: argparse.Namespace) -> None:
     if args.sigrel_chunk_size is not None and args.sigrel_chunk_size < 1:
         raise SigrelOptionError(f"--sigrel-chunk-size must be >= 1, got {args.sigrel_chunk_size}")
 
-    block = get_sigrel_block(args.model)
-    args.sigrel_fixed_rel_bias = args.sigrel_fixed_rel_bias or block.get("fixed_rel_bias", False)
-    args.sigrel_fixed_logit_scale = args.sigrel_fixed_logit_scale or block.get("fixed_logit_scale", False)
+    block = get_sigrel_config(args.model)  # the model config's sigrel block (its defaults if none)
+    args.sigrel_fixed_rel_bias = args.sigrel_fixed_rel_bias or block.fixed_rel_bias
+    args.sigrel_fixed_logit_scale = args.sigrel_fixed_logit_scale or block.fixed_logit_scale
     if args.sigrel_max_logit_scale is None:
-        args.sigrel_max_logit_scale = block.get("max_logit_scale")
+        args.sigrel_max_logit_scale = block.max_t
     # Explicit values override the checkpoint in a fine-tune; defaults do not.
     args.sigrel_explicit_init = {
         "logit_scale": args.sigrel_init_logit_scale is not None,
         "rel_bias": args.sigrel_init_rel_bias is not None,
     }
     if args.sigrel_init_logit_scale is None:
-        args.sigrel_init_logit_scale = block.get("init_logit_scale", DEFAULT_INIT_LOGIT_SCALE)
+        args.sigrel_init_logit_scale = block.init_t
     if args.sigrel_init_rel_bias is None:
-        args.sigrel_init_rel_bias = block.get("init_rel_bias", DEFAULT_INIT_REL_BIAS)
+        args.sigrel_init_rel_bias = block.init_rel_bias
     t0, b0 = args.sigrel_init_logit_scale, args.sigrel_init_rel_bias
     if not math.isfinite(t0) or t0 <= 0:
         raise SigrelOptionError(f"--sigrel-init-logit-scale is t = exp(logit_scale) and must be finite and > 0, got {t0}")
