@@ -9,6 +9,8 @@ import torch
 
 from open_clip_sigrel.loss import sigrel_loss
 from open_clip_sigrel.metrics import geometry as geo
+from open_clip_sigrel.metrics import inputs
+from open_clip_sigrel.metrics import percentile as pctl
 from open_clip_sigrel.metrics.geometry import geometry_metrics
 
 
@@ -204,7 +206,7 @@ def test_retrieval_ties_favour_the_match():
     assert got["image_to_text_R@1"] == 1.0 and got["text_to_image_R@1"] == 1.0
 
 
-band_select = geo._BandSelect
+band_select = pctl.BandSelect
 
 
 def test_percentile_is_exact_even_when_selection_must_narrow_and_refine(monkeypatch):
@@ -212,13 +214,13 @@ def test_percentile_is_exact_even_when_selection_must_narrow_and_refine(monkeypa
     want = dense_reference(x, y)["rel_bias_trimmed"]
     # 61 * 60 = 3660 negatives; small caps make the band narrow many times while the pass runs
     for cap in (16, 64, 1024):
-        monkeypatch.setattr(geo, "_BandSelect", _SmallCap(band_select, cap))
+        monkeypatch.setattr(pctl, "BandSelect", _SmallCap(band_select, cap))
         got = geometry_metrics(x, y, chunk_size=4)
         assert got["rel_bias_trimmed"] == pytest.approx(want, rel=1e-14)
 
 
 class _SmallCap:
-    """Wraps _BandSelect so its cap is tiny (geometry_metrics clamps the cap at 1024 values)."""
+    """Wraps BandSelect so its cap is tiny (geometry_metrics clamps the cap at 1024 values)."""
 
     def __init__(self, cls, cap):
         self.cls, self.cap = cls, cap
@@ -257,7 +259,7 @@ def test_streamed_percentile_equals_numpy(dtype, kind, pct):
     v = v.astype(dtype)
     want = np.percentile(v.astype(np.float64), pct)
     for cap in (16, 100, 5000):  # 16 and 100 force narrowing / radix passes
-        got = geo._streamed_percentile(_stream(v, 97, masked=3), n, pct / 100, cap, torch.from_numpy(v).dtype,
+        got = pctl.streamed_percentile(_stream(v, 97, masked=3), n, pct / 100, cap, torch.from_numpy(v).dtype,
                                        torch.device("cpu"))
         assert got == want, (cap, got, want)
 
@@ -268,7 +270,7 @@ def test_radix_select_alone_finds_every_order_statistic():
         v = np.concatenate([rng.normal(size=300), [-0.0, 0.0, 1e-30, -1e-30, 3.0, 3.0]]).astype(dtype)
         s = np.sort(v)
         for k in (0, 1, 150, 304, 305):
-            sel = geo._RadixSelect(k, len(v), 16, torch.from_numpy(v).dtype)
+            sel = pctl.RadixSelect(k, len(v), 16, torch.from_numpy(v).dtype)
             while sel.result is None:
                 sel.begin()
                 for b, m in _stream(v, 50, masked=2)():
@@ -314,7 +316,7 @@ def test_bad_inputs():
 def test_inputs_already_normalised_are_used_in_place_and_N2_works():
     x, y = _pairs(2, 3, 0.5)
     xt, yt = torch.tensor(_unit(x)), torch.tensor(_unit(y))
-    assert geo._normalise(xt, torch.float64, "x") is xt
+    assert inputs._normalise(xt, torch.float64, "x") is xt
     got = geometry_metrics(xt, yt, logit_scale=torch.tensor(5.0), logit_bias=torch.tensor([-1.0]))
     _assert_matches(got, dense_reference(x, y, 5.0, -1.0))
 

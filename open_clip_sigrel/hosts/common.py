@@ -150,15 +150,17 @@ class SigrelRun:
     def get_clip_metrics(self, original, image_features, text_features, logit_scale, **kwargs):
         metrics = original(image_features=image_features, text_features=text_features, logit_scale=logit_scale,
                            **kwargs)
-        if self.args.sigrel_no_geometry:
+        preset = getattr(self.args, "sigrel_geometry", "cheap")  # --sigrel-geometry: cheap / full / off
+        if preset == "off":
             return metrics
-        from open_clip_sigrel.metrics.geometry import geometry_metrics
+        from open_clip_sigrel.metrics.geometry import PRESETS, geometry_metrics
 
         if isinstance(image_features, (list, tuple)):  # open_clip 4.x hands over the per-batch chunks
             image_features, text_features = torch.cat(list(image_features)), torch.cat(list(text_features))
         values = self.bias_values()
         geometry = geometry_metrics(
-            image_features, text_features, logit_scale=float(logit_scale), logit_bias=values.get("logit_bias")
+            image_features, text_features, logit_scale=float(logit_scale), logit_bias=values.get("logit_bias"),
+            metrics=PRESETS[preset],
         )
         for key, value in geometry.items():
             metrics.setdefault(key, value)
@@ -179,30 +181,33 @@ def batch_constellation(image_features: torch.Tensor, text_features: torch.Tenso
                         ) -> dict[str, torch.Tensor]:
     """Worst-case and mean halved margin / relative bias of one local batch (the paper's m*, b*_rel).
 
-    Returned as 0-d tensors on the features' device (no host synchronisation); row blocks keep memory
-    at chunk_size x B. The full metric set is open_clip_sigrel.metrics.geometry's.
+    Returned as float32 0-d tensors on the features' device (no host synchronisation); sums and the
+    margin formula (``metrics.functional.margin_and_rel_bias``) in float64; row blocks keep memory at
+    chunk_size x B. The full metric set is open_clip_sigrel.metrics.geometry's.
     """
+    from open_clip_sigrel.metrics.functional import margin_and_rel_bias
+
     x = torch.nn.functional.normalize(image_features.float(), dim=-1)
     y = torch.nn.functional.normalize(text_features.float(), dim=-1)
     n = x.shape[0]
     if n < 2:  # no negatives: the same keys (every rank reports the same set), undefined values
         nan = x.new_full((), math.nan)
         return {"margin_worst": nan, "rel_bias_worst": nan, "margin_mean": nan, "rel_bias_mean": nan}
-    pos = (x * y).sum(-1)
+    f64 = torch.float64
+    pos = (x * y).sum(-1, dtype=f64)
     neg_max = x.new_full((), -math.inf)
-    neg_sum = x.new_zeros((), dtype=torch.float64)
+    neg_sum = x.new_zeros((), dtype=f64)
     for lo in range(0, n, chunk_size):
         s = x[lo:lo + chunk_size] @ y.T
         rows = torch.arange(s.shape[0], device=s.device)
         diag = s[rows, rows + lo].clone()
-        neg_sum += s.sum(dtype=torch.float64) - diag.sum(dtype=torch.float64)
+        neg_sum += s.sum(dtype=f64) - diag.sum(dtype=f64)
         s[rows, rows + lo] = -math.inf
         neg_max = torch.maximum(neg_max, s.max())
-    pos_min, pos_mean, neg_mean = pos.min(), pos.mean(), (neg_sum / (n * (n - 1))).float()
-    return {
-        "margin_worst": (pos_min - neg_max) / 2, "rel_bias_worst": (pos_min + neg_max) / 2,
-        "margin_mean": (pos_mean - neg_mean) / 2, "rel_bias_mean": (pos_mean + neg_mean) / 2,
-    }
+    m_worst, b_worst = margin_and_rel_bias(pos.min(), neg_max.to(f64))
+    m_mean, b_mean = margin_and_rel_bias(pos.mean(), neg_sum / (n * (n - 1)))
+    return {"margin_worst": m_worst.float(), "rel_bias_worst": b_worst.float(),
+            "margin_mean": m_mean.float(), "rel_bias_mean": b_mean.float()}
 
 
 class Telemetry:

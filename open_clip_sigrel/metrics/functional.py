@@ -1,5 +1,40 @@
-"""Functional geometry metrics: one formula per function, on tensors, no state."""
+"""Functional geometry metrics: one formula per function, no state.
+
+Notation: x_i image, y_i text of pair i (L2-normalised), s_ij = <x_i, y_j>, N pairs; "pos" are the N
+matched similarities s_ii, "neg" the N(N-1) unmatched s_ij (i != j).
+
+The negatives are never held: the functions that need them take their statistics (max, mean, count
+above a threshold, a percentile, rank counts), which ``geometry_metrics`` accumulates in one tiled
+pass over X Y^T. Everything O(N d) is in ``pair_statistics`` (float64). Each function returns plain
+Python numbers under the keys ``geometry_metrics`` reports.
+
+* ``margin_and_rel_bias(pos, neg)``: THE halved margin / relative bias formula; every m, b_rel of the
+  package (worst, mean, trimmed, the training telemetry's batch values) goes through it.
+* ``margins``, ``trimmed_margins``, ``violations``: constellation metrics (Bangachev et al. 2025).
+* ``modality_gap``: xi, centroid gap, centroid cosine distance, L2I, RMG, cones, alignment.
+* ``retrieval``: R@k, mean and median rank both ways, from the rank counts.
+* ``open_clip_sigrel.metrics.separability.linear_separability``: Thm 3.6's linear separability.
+"""
 from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from open_clip_sigrel.metrics.inputs import prepare_features, row_blocks
+from open_clip_sigrel.metrics.percentile import percentile
+
+__all__ = [
+    "margin_and_rel_bias", "PairStatistics", "pair_statistics", "margins", "trimmed_margins", "violations",
+    "modality_gap", "retrieval", "RECALL_KS",
+]
+
+RECALL_KS = (1, 5, 10)
+_RMG_MIN_MATCH = 1e-3  # Schrodi et al. clamp D_match
 
 
 def margin_and_rel_bias(pos, neg):
@@ -15,3 +50,181 @@ def margin_and_rel_bias(pos, neg):
     (0.4, 0.5)
     """
     return (pos - neg) / 2, (pos + neg) / 2
+
+
+@dataclass(frozen=True)
+class PairStatistics:
+    """The O(N d) statistics of N matched pairs, float64 (see ``pair_statistics``)."""
+
+    n: int
+    pos: torch.Tensor  # (N,) s_ii
+    sum_x: torch.Tensor  # (d,) sum_i x_i
+    sum_y: torch.Tensor  # (d,) sum_i y_i
+    sq_x: float  # sum_i ||x_i||^2 (N up to rounding)
+    sq_y: float
+    l2i_sum: float  # sum_i ||x_i - y_i||
+    align_sum: float  # sum_i ||x_i - y_i||^2
+    xi_sum: float  # sum_i ||z_i - mean(z)||^2, z_i = x_i - y_i
+
+    @property
+    def n_neg(self) -> int:
+        return self.n * (self.n - 1)
+
+    @property
+    def pos_mean(self) -> float:
+        return float(self.pos.sum()) / self.n
+
+    @property
+    def neg_mean(self) -> float:
+        """mean_{i != j} s_ij = (<sum x, sum y> - sum_i s_ii) / (N (N - 1)): exact without the N^2 set."""
+        return (float(self.sum_x @ self.sum_y) - float(self.pos.sum())) / self.n_neg
+
+    @property
+    def cone_image(self) -> float:
+        """mean_{i != j} <x_i, x_j> = (||sum x||^2 - sum ||x_i||^2) / (N (N - 1))."""
+        return (float(self.sum_x @ self.sum_x) - self.sq_x) / self.n_neg
+
+    @property
+    def cone_text(self) -> float:
+        return (float(self.sum_y @ self.sum_y) - self.sq_y) / self.n_neg
+
+
+@torch.no_grad()
+def pair_statistics(image_features: Any, text_features: Any) -> PairStatistics:
+    """Validates and normalises the pairs (``prepare_features``), then sums in float64 row blocks.
+
+    >>> st = pair_statistics([[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [1.0, 0.0]])
+    >>> st.pos.tolist(), st.pos_mean, st.neg_mean
+    ([1.0, 0.0], 0.5, 0.5)
+    """
+    x, y = prepare_features(image_features, text_features)
+    n, d = x.shape
+    f64 = torch.float64
+    sx = torch.zeros(d, dtype=f64, device=x.device)
+    sy = torch.zeros(d, dtype=f64, device=x.device)
+    sqx = sqy = l2i = align = 0.0
+    pos = torch.empty(n, dtype=f64, device=x.device)
+    for lo, hi in row_blocks(n, d):
+        xb, yb = x[lo:hi].to(f64), y[lo:hi].to(f64)
+        sx += xb.sum(0)
+        sy += yb.sum(0)
+        sqx += float((xb * xb).sum())
+        sqy += float((yb * yb).sum())
+        pos[lo:hi] = (xb * yb).sum(1)
+        diff = xb - yb
+        l2i += float(torch.linalg.vector_norm(diff, dim=1).sum())
+        align += float((diff * diff).sum())
+    zbar = (sx - sy) / n
+    xi = 0.0
+    for lo, hi in row_blocks(n, d):
+        z = x[lo:hi].to(f64) - y[lo:hi].to(f64) - zbar
+        xi += float((z * z).sum())
+    return PairStatistics(n, pos, sx, sy, sqx, sqy, l2i, align, xi)
+
+
+def margins(pos: torch.Tensor, neg_max: float, neg_mean: float) -> dict[str, float]:
+    """Worst-case and mean halved margins / relative biases (Bangachev et al. 2025, Tab. 6).
+
+        margin_worst = (min_i s_ii - max_{i != j} s_ij) / 2     rel_bias_worst = (min + max) / 2
+        margin_mean  = (mean_i s_ii - mean_{i != j} s_ij) / 2   rel_bias_mean  = (mean + mean) / 2
+
+    pos: the N matched similarities; neg_max, neg_mean: max and mean of the unmatched ones.
+
+    >>> r = margins(torch.tensor([0.9, 0.7], dtype=torch.float64), neg_max=0.3, neg_mean=0.1)
+    >>> [round(r[k], 12) for k in ("margin_worst", "rel_bias_worst", "margin_mean", "rel_bias_mean")]
+    [0.2, 0.5, 0.35, 0.45]
+    """
+    pos_mean = float(pos.sum(dtype=torch.float64)) / pos.numel()
+    m_worst, b_worst = margin_and_rel_bias(float(pos.min()), float(neg_max))
+    m_mean, b_mean = margin_and_rel_bias(pos_mean, float(neg_mean))
+    return {"pos_sim_mean": pos_mean, "neg_sim_mean": float(neg_mean), "margin_worst": m_worst,
+            "rel_bias_worst": b_worst, "margin_mean": m_mean, "rel_bias_mean": b_mean}
+
+
+def trimmed_margins(pos: torch.Tensor, neg_p95: float) -> dict[str, float]:
+    """Trimmed halved margin / relative bias (Bangachev et al. 2025, Tab. 5), numpy-'linear' percentiles:
+
+        margin_trimmed = (P5(s_ii) - P95(s_ij, i != j)) / 2      rel_bias_trimmed = (P5 + P95) / 2
+
+    >>> pos = torch.linspace(0.5, 0.9, 21, dtype=torch.float64)  # P5 = 0.52
+    >>> r = trimmed_margins(pos, neg_p95=0.2)
+    >>> round(r["margin_trimmed"], 12), round(r["rel_bias_trimmed"], 12)
+    (0.16, 0.36)
+    """
+    m, b = margin_and_rel_bias(percentile(pos, 0.05), float(neg_p95))
+    return {"margin_trimmed": m, "rel_bias_trimmed": b}
+
+
+def violations(pos: torch.Tensor, neg_above: int, threshold: float) -> dict[str, float]:
+    """Pairs on the wrong side of the relative bias b = ``threshold`` (where the sigmoid says 0.5):
+
+        pos_violations = #{i : s_ii < b}       neg_violations = #{(i, j), i != j : s_ij > b}
+
+    neg_above is the second count (from the pass over the negatives).
+
+    >>> violations(torch.tensor([0.9, 0.2]), neg_above=3, threshold=0.5)
+    {'violation_threshold': 0.5, 'pos_violations': 1, 'neg_violations': 3}
+    """
+    return {"violation_threshold": float(threshold), "pos_violations": int(torch.count_nonzero(pos < threshold)),
+            "neg_violations": int(neg_above)}
+
+
+def modality_gap(stats: PairStatistics) -> dict[str, float]:
+    """Modality-gap metrics from the O(N d) statistics (``pair_statistics(image_features, text_features)``):
+
+        xi                   mean_i ||z_i - mean(z)||^2, z_i = x_i - y_i         Bangachev et al. App. E
+        gap_l2m              ||mean x - mean y||_2                                Liang et al. 2022
+        gap_centroid_cosine  1 - cos(mean x, mean y)  (cos taken as 0 if a centroid is 0)   MTEB
+        gap_l2i              mean_i ||x_i - y_i||_2                               Schrodi et al. 2025
+        rmg                  D_m / (D_m + (D_img + D_txt) / 2), d(u, v) = (1 - cos(u, v)) / 2,
+                             D_m = max(mean_i d(x_i, y_i), 1e-3), D_img / D_txt = mean_{i != j} d
+                                                                                  Schrodi et al. 2025
+        cone_image / _text   mean_{i != j} cos(x_i, x_j)  (resp. y)              Liang et al.; MTEB
+        alignment            mean_i ||x_i - y_i||^2                               Wang & Isola 2020
+
+    >>> r = modality_gap(pair_statistics([[1.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [1.0, 0.0]]))
+    >>> r["gap_l2m"], r["gap_l2i"], r["alignment"], r["cone_image"]
+    (0.0, 1.4142135623730951, 2.0, 0.0)
+    """
+    n = stats.n
+    mx, my = stats.sum_x / n, stats.sum_y / n
+    norm_mx, norm_my = float(torch.linalg.vector_norm(mx)), float(torch.linalg.vector_norm(my))
+    centroid_cos = float(mx @ my) / (norm_mx * norm_my) if norm_mx > 0 and norm_my > 0 else 0.0
+    cone_x, cone_y = stats.cone_image, stats.cone_text
+    d_match = max(float(((1 - stats.pos) / 2).mean()), _RMG_MIN_MATCH)
+    d_img, d_txt = (1 - cone_x) / 2, (1 - cone_y) / 2
+    return {
+        "xi": stats.xi_sum / n,
+        "gap_l2m": float(torch.linalg.vector_norm(mx - my)),
+        "gap_centroid_cosine": 1 - centroid_cos,
+        "gap_l2i": stats.l2i_sum / n,
+        "rmg": d_match / (d_match + (d_img + d_txt) / 2),
+        "cone_image": cone_x,
+        "cone_text": cone_y,
+        "alignment": stats.align_sum / n,
+    }
+
+
+def retrieval(i2t_higher: torch.Tensor, t2i_higher: torch.Tensor, ks: Sequence[int] = RECALL_KS
+              ) -> dict[str, float]:
+    """Retrieval both ways from rank counts, as open_clip's ``get_clip_metrics`` reports it:
+
+        rank_i = 1 + i2t_higher[i],  i2t_higher[i] = #{j : s_ij > s_ii}  (t2i: #{i : s_ij > s_jj})
+        R@k = fraction of rank_i <= k;  mean_rank = mean rank_i;  median_rank = floor(median(rank - 1)) + 1
+
+    Strict ">" counts: ties are resolved in the match's favour (deterministic; open_clip's argsort
+    breaks them arbitrarily).
+
+    >>> r = retrieval(torch.tensor([0, 0, 3, 7]), torch.tensor([0, 1, 0, 0]), ks=(1, 5))
+    >>> r["image_to_text_R@1"], r["image_to_text_R@5"], r["image_to_text_mean_rank"], r["text_to_image_R@1"]
+    (0.5, 0.75, 3.5, 0.75)
+    """
+    out: dict[str, float] = {}
+    for name, cnt in (("image_to_text", i2t_higher), ("text_to_image", t2i_higher)):
+        n = cnt.numel()
+        for k in ks:
+            out[f"{name}_R@{k}"] = float(torch.count_nonzero(cnt < k)) / n
+        c = cnt.to(torch.float64)
+        out[f"{name}_mean_rank"] = float(c.mean()) + 1
+        out[f"{name}_median_rank"] = math.floor(float(np.median(c.cpu().numpy()))) + 1
+    return out

@@ -183,6 +183,7 @@ def training_argv(loss_flags: tuple[str, ...] | list[str], data: dict, config: D
         "--seed", str(c.seed),
         "--val-frequency", "1",
         "--log-every-n-steps", "1",  # every step: the epoch's mean loss and smooth t / b_rel curves
+        "--sigrel-geometry", "full",  # the trimmed margins and separability too (512 val pairs: cheap)
         "--logs", str(logs),
         "--name", name,
     ]

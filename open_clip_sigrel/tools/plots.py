@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping
@@ -17,11 +16,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
-from open_clip_sigrel.metrics.geometry import _prepare, _row_blocks
+from open_clip_sigrel._io import read_jsonl
+from open_clip_sigrel._optional import require
+from open_clip_sigrel.metrics import margin_and_rel_bias, pair_statistics, prepare_features
+
+FigureCanvasAgg = require("matplotlib.backends.backend_agg", "plots").FigureCanvasAgg
+Figure = require("matplotlib.figure", "plots").Figure
+MaxNLocator = require("matplotlib.ticker", "plots").MaxNLocator
 
 __all__ = ["plot_similarity_histograms", "plot_modality_projection", "plot_training_curves"]
 
@@ -69,21 +71,14 @@ def plot_similarity_histograms(
     Vertical lines: rel_bias_mean (from ``metrics`` or computed) and rel_bias_model when ``metrics``
     has it; shaded: the trimmed margin band [P95(neg), P5(pos)] and, when positive, the worst-case one.
     """
-    x, y = _prepare(image_features, text_features)
-    n, d = x.shape
-    pos = torch.empty(n, dtype=torch.float64)
-    sx = torch.zeros(d, dtype=torch.float64, device=x.device)
-    sy = torch.zeros(d, dtype=torch.float64, device=x.device)
-    for lo, hi in _row_blocks(n, d):  # float64 in row blocks: no N x d float64 copies
-        xb, yb = x[lo:hi].to(torch.float64), y[lo:hi].to(torch.float64)
-        pos[lo:hi] = (xb * yb).sum(1).cpu()
-        sx += xb.sum(0)
-        sy += yb.sum(0)
+    x, y = prepare_features(image_features, text_features)
+    n = x.shape[0]
+    stats = pair_statistics(x, y)  # float64 in row blocks: no N x d float64 copies
+    pos = stats.pos.cpu()
     neg = _sample_negatives(x, y, max_negatives)
     m = dict(metrics or {})
     if "rel_bias_mean" not in m:
-        neg_mean = (float(sx @ sy) - float(pos.sum())) / (n * (n - 1))
-        m["rel_bias_mean"] = (float(pos.mean()) + neg_mean) / 2
+        m["rel_bias_mean"] = margin_and_rel_bias(stats.pos_mean, stats.neg_mean)[1]
 
     fig = Figure(figsize=(8, 4.5))
     ax = fig.add_subplot(1, 1, 1)
@@ -124,7 +119,7 @@ def plot_modality_projection(
 ) -> Path:
     """2-D PCA of the centred [x; y] (``max_points`` pairs at most, fixed sample), coloured by modality,
     with light lines joining ``n_lines`` matched pairs."""
-    x, y = _prepare(image_features, text_features)
+    x, y = prepare_features(image_features, text_features)
     n = x.shape[0]
     if n > max_points:
         idx = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:max_points].sort().values
@@ -163,25 +158,9 @@ _PANELS = (
 )
 
 
-def _read_jsonl(path: str | os.PathLike) -> list[dict]:
-    rows = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {lineno} is not JSON ({e.msg})") from e
-            if isinstance(row, dict):
-                rows.append(row)
-    return rows
-
-
 def plot_training_curves(results_jsonl: str | os.PathLike, path: str | os.PathLike, *, title: str | None = None) -> Path:
     """t, b_rel, margins and R@k against epoch from open_clip's results.jsonl (missing keys skipped)."""
-    rows = _read_jsonl(results_jsonl)
+    rows = read_jsonl(results_jsonl)
     panels = []
     for label, keys in _PANELS:
         series = []
