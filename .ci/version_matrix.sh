@@ -4,7 +4,7 @@
 # (--system-site-packages) and shadows the system's open_clip with that release (--no-deps).
 #
 #   bash .ci/version_matrix.sh                         # default tests, venv in /tmp/venv-oc230
-#   TESTS="tests/test_loss.py" bash .ci/version_matrix.sh
+#   TESTS="tests/unit/test_loss.py" bash .ci/version_matrix.sh
 #   OPEN_CLIP_VERSION=2.31.0 VENV=/tmp/venv-oc231 bash .ci/version_matrix.sh
 #   OPEN_CLIP_WHEEL=../shared/vendor/open_clip_torch-4.2.0.dev0-py3-none-any.whl bash .ci/version_matrix.sh
 #                                                      # a wheel (open_clip main); its version from the name
@@ -20,7 +20,7 @@ if [ -n "$OPEN_CLIP_WHEEL" ]; then
 fi
 OPEN_CLIP_VERSION="${OPEN_CLIP_VERSION:-2.30.0}"
 VENV="${VENV:-/tmp/venv-oc$(echo "$OPEN_CLIP_VERSION" | cut -d. -f1-2 | tr -d .)}"  # 2.30.0 -> venv-oc230, 4.2.0.dev0 -> venv-oc42
-TESTS="${TESTS:-tests/test_loss.py tests/test_model.py tests/test_hosts.py tests/test_train.py}"
+TESTS="${TESTS:-tests/unit tests/distributed tests/integration/test_train.py}"
 # gloo's default interface may not route to this host; loopback is enough for single-host tests.
 export GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-lo}"
 start=$(date +%s)

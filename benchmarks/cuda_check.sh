@@ -7,7 +7,7 @@
 #
 # Steps (each logged to $OUT/logs/<step>.log; a failed step is recorded and the later steps still run):
 #   environment   torch / CUDA / GPU / package versions, where open_clip_sigrel is imported from, nvidia-smi
-#   pytest_cuda   python -m pytest -q -rs tests/test_cuda.py: SigRelLoss vs open_clip's SigLipLoss on the GPU
+#   pytest_cuda   python -m pytest -q -rs tests/integration/test_cuda.py: SigRelLoss vs open_clip's SigLipLoss on the GPU
 #                 (fp32 and bf16 values and gradients), peak memory at B = 16384, a short amp_bf16 training run;
 #                 output in $OUT/pytest_cuda.txt. Fails if any of its tests is skipped.
 #   bench_loss_fp32, bench_loss_bf16
@@ -55,7 +55,7 @@ DRY_RUN="${CUDA_CHECK_DRY_RUN:-0}"
 if [ "$DRY_RUN" = 1 ]; then
   DEVICE=cpu; DIM=64; BATCHES="${BATCHES:-256,512}"; BENCH_TRAIN_STEPS="${BENCH_TRAIN_STEPS:-4}"
   TRAIN_EXTRA=(--warmup-steps 1 --rounds 1)
-  export SIGREL_CUDA_TESTS_DEVICE=cpu   # tests/test_cuda.py on CPU instead of skipping
+  export SIGREL_CUDA_TESTS_DEVICE=cpu   # tests/integration/test_cuda.py on CPU instead of skipping
 else
   DEVICE=cuda; DIM=768; BATCHES="${BATCHES:-16384,32768,65536}"; BENCH_TRAIN_STEPS="${BENCH_TRAIN_STEPS:-30}"
   TRAIN_EXTRA=()
@@ -180,11 +180,11 @@ bench_train() {
 
 pytest_cuda() {
   local log="$OUT/pytest_cuda.txt" rc
-  limited "$PYTHON" -m pytest -q -rs tests/test_cuda.py 2>&1 | tee "$log"
+  limited "$PYTHON" -m pytest -q -rs tests/integration/test_cuda.py 2>&1 | tee "$log"
   rc=${PIPESTATUS[0]}
   # On a GPU machine nothing may skip for want of CUDA (the dry run skips the one CUDA-only test).
   if [ "$DRY_RUN" != 1 ] && grep -qE "SKIPPED|[0-9]+ skipped" "$log"; then
-    echo "tests/test_cuda.py skipped tests on a machine meant to have CUDA (see the SKIPPED lines above)"
+    echo "tests/integration/test_cuda.py skipped tests on a machine meant to have CUDA (see the SKIPPED lines above)"
     [ "$rc" -eq 0 ] && rc=1
   fi
   return "$rc"

@@ -9,6 +9,19 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 # gloo's default interface may not route to this host; loopback serves single-host tests.
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 REPO = Path(__file__).resolve().parents[1]
+# The folder a test lives in is its kind (markers registered in pyproject.toml): select with -m, e.g.
+# `pytest -m unit` (seconds), `pytest -m "not research"`. test_cuda.py is marked cuda as well.
+KINDS = ("unit", "distributed", "integration", "research")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        kind = Path(item.fspath).resolve().relative_to(REPO / "tests").parts[0]
+        if kind not in KINDS:
+            raise pytest.UsageError(f"{item.nodeid}: tests live in tests/{{{','.join(KINDS)}}}/, not in tests/{kind}")
+        item.add_marker(kind)
+        if Path(item.fspath).name == "test_cuda.py":
+            item.add_marker("cuda")
 
 
 @pytest.fixture(scope="session")

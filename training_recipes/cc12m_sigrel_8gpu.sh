@@ -12,7 +12,7 @@
 # Other knobs (environment): LOGS NAME NPROC_PER_NODE BATCH_SIZE (per GPU) EPOCHS LR WD WARMUP
 # WORKERS MAX_LOGIT_SCALE VAL_FREQUENCY IMAGENET_VAL (adds zero-shot ImageNet).
 # SIGREL_RECIPE_DRY_RUN=1 prints the command instead of running it; =args prints only the training
-# arguments, NUL-separated (tests/test_recipes.py parses them with the plugin's parser).
+# arguments, NUL-separated (tests/integration/test_recipes.py parses them with the plugin's parser).
 set -euo pipefail
 
 # ---- the only lines that differ from cc12m_siglip_8gpu.sh ----------------------------------------

@@ -15,7 +15,7 @@
 # (--dataset-resampled), as in open_clip's LAION runs.
 # Other knobs: LOGS NAME EPOCHS LR WD WARMUP WORKERS MAX_LOGIT_SCALE VAL_FREQUENCY IMAGENET_VAL
 # MASTER_PORT GPUS_PER_NODE. SIGREL_RECIPE_DRY_RUN=1 prints the command instead of running it;
-# =args prints only the training arguments, NUL-separated (tests/test_recipes.py parses them).
+# =args prints only the training arguments, NUL-separated (tests/integration/test_recipes.py parses them).
 #SBATCH --job-name=laion-vitb16-sigrel
 #SBATCH --nodes=4
 #SBATCH --ntasks-per-node=8

@@ -173,7 +173,7 @@ def test_bench_loss_runs_on_the_device(capsys):
     from _benchmarks import load_bench
 
     if not ON_CUDA:
-        pytest.skip("bench loss --device cuda needs CUDA (its CPU runs are covered by tests/test_bench.py)")
+        pytest.skip("bench loss --device cuda needs CUDA (its CPU runs are covered by tests/integration/test_bench.py)")
     assert load_bench().main(["loss", "--device", "cuda", "--batch", "1024", "--dim", "64", "--repeats", "2",
                               "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)

@@ -26,7 +26,7 @@ import pytest
 
 from open_clip_sigrel.cli.train import parse_args
 
-RECIPES = Path(__file__).resolve().parents[1] / "training_recipes"
+RECIPES = Path(__file__).resolve().parents[2] / "training_recipes"
 # (sigrel recipe, its --siglip A/B partner, environment variable of its training shards, launcher)
 PAIRS = [
     ("cc3m_sigrel_8gpu.sh", "cc3m_siglip_8gpu.sh", "CC3M_TRAIN", "torchrun"),

@@ -19,7 +19,7 @@ import pytest
 
 import open_clip_sigrel
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted(p.name for p in (REPO / "open_clip_sigrel" / "configs").glob("*.json"))
 SCRIPTS = {
     "open-clip-sigrel": ["make-data", "eval", "synth", "bounds", "demo"],

@@ -20,7 +20,7 @@ from _patching import copy_open_clip, run_patch, subprocess_env
 
 from open_clip_sigrel.hosts.common import read_telemetry
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PATCH = REPO / "patches" / "open_clip-3.3.0-loss-registry.patch"
 PATCHED_FILES = ("open_clip/factory.py", "open_clip_train/main.py", "open_clip_train/params.py",
                  "open_clip_train/train.py")

@@ -1,6 +1,6 @@
 """patches/open_clip-main-89fb801-task-registry.patch on a copy of the installed open_clip 4.x (main).
 
-As in tests/test_patch.py (the 3.3.0 patch), the environment's own open_clip is never touched: its
+As in tests/integration/test_patch.py (the 3.3.0 patch), the environment's own open_clip is never touched: its
 ``open_clip`` and ``open_clip_train`` packages are copied into a temporary folder, patched there with
 ``patch -p1`` and put first on PYTHONPATH of the subprocesses. The entry point
 ``open_clip.losses: sigrel`` comes from this package's installed metadata (setup.cfg). Runs in the
@@ -23,7 +23,7 @@ from _patching import copy_open_clip, run_patch, site_packages, subprocess_env
 
 from open_clip_sigrel.hosts.common import read_telemetry
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PATCH = REPO / "patches" / "open_clip-main-89fb801-task-registry.patch"
 PATCHED_FILES = ("open_clip/factory.py", "open_clip_train/main.py", "open_clip_train/params.py")
 # What the training runs must agree on, record by record (the telemetry's epoch and lr need the host's

@@ -1,6 +1,6 @@
 """open_clip 4.x only: --loss sigrel with FSDP2 (gloo, CPU) and every --torchcompile strategy.
 
-The host-agnostic behaviour (loss falls, resume, telemetry, stock loading, DDP) is tests/test_train.py,
+The host-agnostic behaviour (loss falls, resume, telemetry, stock loading, DDP) is tests/integration/test_train.py,
 which .ci/run runs against 3.3.0, 2.30.0 and the 4.x wheel; this module needs 4.x's task API and runs
 in the 4.x environment (.ci/version_matrix.sh with the vendored wheel).
 """
