@@ -632,7 +632,7 @@ def _usable_cpus() -> int:
 
 def bench_train(args: argparse.Namespace) -> dict:
     """Runs open_clip training of the tiny model with --siglip and --loss sigrel, alternating, same data."""
-    from open_clip_sigrel.hosts.common import TELEMETRY_FILE, read_telemetry
+    from open_clip_sigrel.hosts.telemetry import TELEMETRY_FILE, read_telemetry
     from open_clip_sigrel.tools.data import ensure_digits_dataset
 
     check_device(args.device)

@@ -50,8 +50,8 @@ from open_clip_sigrel._io import format_table as _format_table
 from open_clip_sigrel._io import read_jsonl
 from open_clip_sigrel._optional import require
 from open_clip_sigrel.bias import rel_bias_from_logit_bias
-from open_clip_sigrel.hosts.common import TELEMETRY_FILE, read_telemetry
 from open_clip_sigrel.hosts.options import DEFAULT_INIT_LOGIT_SCALE, DEFAULT_INIT_REL_BIAS
+from open_clip_sigrel.hosts.telemetry import TELEMETRY_FILE, read_telemetry
 from open_clip_sigrel.tools.data import DigitsConfig, ensure_digits_dataset
 
 __all__ = [

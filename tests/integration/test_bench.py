@@ -217,7 +217,7 @@ def test_bench_train_alternates_runs_and_reports_ratio(tmp_path, monkeypatch, ca
     order, warm-up, medians and ratio."""
     import argparse
 
-    from open_clip_sigrel.hosts.common import Telemetry
+    from open_clip_sigrel.hosts.telemetry import Telemetry
 
     calls = []
     real_run = subprocess.run

@@ -134,10 +134,10 @@ def test_report_only_without_runs_and_bad_flags_exit_2(tmp_path):
 
 
 def test_train_records_read_the_runs_telemetry(tmp_path):
-    """Written by the training entry's own writer (hosts.common.Telemetry), read back as curves."""
+    """Written by the training entry's own writer (hosts.telemetry.Telemetry), read back as curves."""
     import argparse
 
-    from open_clip_sigrel.hosts.common import Telemetry
+    from open_clip_sigrel.hosts.telemetry import Telemetry
 
     (tmp_path / "run").mkdir()
     writer = Telemetry(argparse.Namespace(logs=str(tmp_path), name="run", rank=0))

@@ -18,7 +18,7 @@ import pytest
 import torch
 from _patching import copy_open_clip, run_patch, subprocess_env
 
-from open_clip_sigrel.hosts.common import read_telemetry
+from open_clip_sigrel.hosts.telemetry import read_telemetry
 
 REPO = Path(__file__).resolve().parents[2]
 PATCH = REPO / "patches" / "open_clip-3.3.0-loss-registry.patch"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from open_clip_sigrel.cli import train as sigrel_train
-from open_clip_sigrel.hosts import common, open_clip3
+from open_clip_sigrel.hosts import common, open_clip3, telemetry
 from open_clip_sigrel.model import sigrel_values
 
 
@@ -31,7 +31,7 @@ def _argv(data, logs, name, *extra, epochs=2, val=True):
 def _train_lines(logs, name):
     """(t, loss, b_rel, logit_bias) of every log step, from the run's structured telemetry."""
     return [(r["logit_scale"], r["loss"], r["rel_bias"], r["logit_bias"])
-            for r in common.read_telemetry(Path(logs) / name)]
+            for r in telemetry.read_telemetry(Path(logs) / name)]
 
 
 def _ckpt(logs, name, epoch):
@@ -110,7 +110,7 @@ def test_geometry_metrics_reach_results_jsonl_and_tensorboard(sigrel_run):
     assert {"val/margin_mean", "train/rel_bias", "train/logit_bias", "train/batch_margin_worst"} <= tags
     # At open_clip's own steps, with the values of the structured telemetry.
     host_steps = [e.step for e in acc.Scalars("train/loss")]
-    records = common.read_telemetry(Path(logs) / "sigrel")
+    records = telemetry.read_telemetry(Path(logs) / "sigrel")
     for tag in ("train/rel_bias", "train/batch_margin_worst"):
         events = acc.Scalars(tag)
         assert [e.step for e in events] == host_steps == [r["step"] for r in records]
@@ -166,7 +166,7 @@ def test_telemetry_survives_silenced_console_logging(digits_data, tmp_path):
     finally:
         logging.disable(logging.NOTSET)
     assert "Train Epoch" not in (tmp_path / "quiet" / "out.log").read_text()
-    records = common.read_telemetry(tmp_path / "quiet")
+    records = telemetry.read_telemetry(tmp_path / "quiet")
     assert [r["step"] for r in records] == list(range(16))
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -190,7 +190,7 @@ def test_siglip_run_gets_geometry_too(digits_data, tmp_path):
     row = json.loads((tmp_path / "siglip" / "checkpoints" / "results.jsonl").read_text().splitlines()[-1])
     assert "margin_mean" in row and row["rel_bias_model"] == pytest.approx(
         -row["logit_bias"] / row["logit_scale"], rel=1e-6)
-    first = common.read_telemetry(tmp_path / "siglip")[0]  # a stock SigLIP run has the same telemetry
+    first = telemetry.read_telemetry(tmp_path / "siglip")[0]  # a stock SigLIP run has the same telemetry
     assert first["rel_bias"] == pytest.approx(1.0) and first["logit_bias"] == pytest.approx(-10.0)
 
 
@@ -384,7 +384,7 @@ def test_clip_run_logs_no_relative_bias(digits_data, tmp_path):
     def no_nan(token):
         raise AssertionError(f"non-JSON constant {token} in the telemetry")
 
-    lines = (tmp_path / "clip" / common.TELEMETRY_FILE).read_text().splitlines()
+    lines = (tmp_path / "clip" / telemetry.TELEMETRY_FILE).read_text().splitlines()
     records = [json.loads(line, parse_constant=no_nan) for line in lines]
     assert len(records) == 16 and all("rel_bias" not in r and "logit_bias" not in r for r in records)
     assert all(math.isfinite(r["batch_margin_mean"]) for r in records)

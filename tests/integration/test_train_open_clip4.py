@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from open_clip_sigrel.cli import train as sigrel_train
-from open_clip_sigrel.hosts import common
+from open_clip_sigrel.hosts import telemetry
 
 pytestmark = pytest.mark.skipif(
     not hasattr(oc_main, "create_task"),
@@ -63,7 +63,7 @@ def fsdp_run(digits_data, tmp_path_factory, python):
 
 
 def test_fsdp_trains_t_and_rel_bias(fsdp_run):
-    records = common.read_telemetry(fsdp_run / "fsdp")
+    records = telemetry.read_telemetry(fsdp_run / "fsdp")
     assert records[0]["logit_scale"] == pytest.approx(10.0) and records[0]["rel_bias"] == pytest.approx(1.0)
     assert sum(r["loss"] for r in records[-3:]) < 0.8 * sum(r["loss"] for r in records[:3])
     t, b = _t_b(_sd(fsdp_run / "fsdp" / "checkpoints" / "epoch_2.pt"))
@@ -100,7 +100,7 @@ def test_fsdp_sharded_checkpoint_resumes_t_and_rel_bias_exactly(digits_data, tmp
     # lr 0: every step of the resumed run shows exactly what was restored.
     _torchrun(python, _argv(digits_data, tmp_path, "resumed", *common_flags, "--resume", str(shard_dir),
                             "--lr", "0", epochs=2))
-    resumed = common.read_telemetry(tmp_path / "resumed")
+    resumed = telemetry.read_telemetry(tmp_path / "resumed")
     assert resumed[0]["step"] == digits_data["train_num_samples"] // (32 * 2 * 2)  # epoch 1 starts after epoch 0
     assert resumed[0]["logit_scale"] == pytest.approx(t, rel=1e-6) and resumed[0]["rel_bias"] == pytest.approx(
         b, abs=1e-6)
@@ -108,7 +108,7 @@ def test_fsdp_sharded_checkpoint_resumes_t_and_rel_bias_exactly(digits_data, tmp
 
 
 def _losses(logs, name):
-    return [r["loss"] for r in common.read_telemetry(Path(logs) / name)]
+    return [r["loss"] for r in telemetry.read_telemetry(Path(logs) / name)]
 
 
 @pytest.fixture(scope="module")

@@ -281,7 +281,7 @@ def test_training_hook_presets(flags, groups):
 
 
 def test_batch_constellation_uses_float64_sums():
-    from open_clip_sigrel.hosts.common import batch_constellation
+    from open_clip_sigrel.hosts.telemetry import batch_constellation
 
     x0, y0 = _pairs(n=40, d=6, seed=9)
     x, y, s, pos, neg = _dense(x0, y0)
