@@ -174,7 +174,6 @@ def _local_scalar(p: torch.Tensor) -> float:
     return float(local.detach().float().reshape(-1)[0])
 
 
-@torch.no_grad()
 class NonFiniteGuard:
     """Stops every rank on a non-finite loss without a host synchronisation per micro-step.
 

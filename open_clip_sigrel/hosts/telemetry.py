@@ -15,6 +15,7 @@ from open_clip_sigrel.metrics.functional import margin_and_rel_bias
 TELEMETRY_FILE = "sigrel_train.jsonl"
 
 
+@torch.no_grad()
 def batch_constellation(image_features: torch.Tensor, text_features: torch.Tensor, chunk_size: int = 1024
                         ) -> dict[str, torch.Tensor]:
     """Worst-case and mean halved margin / relative bias of one local batch (the paper's m*, b*_rel).
