@@ -12,12 +12,12 @@ from pathlib import Path
 
 from open_clip_sigrel._optional import require
 from open_clip_sigrel.cli._fields import add_config_arguments, config_from_args
+from open_clip_sigrel.tools.eval_data import EvalError
 from open_clip_sigrel.tools.evaluate import (
     DATA_FIELDS,
     RUN_FIELDS,
     SOURCE_FIELDS,
     EvalConfig,
-    EvalError,
     evaluate,
     format_table,
     save_result,

@@ -70,12 +70,19 @@ def test_wheel_has_package_configs_and_entry_points(dists):
         entry_points = whl.read(f"{info}/entry_points.txt").decode()
         metadata = whl.read(f"{info}/METADATA").decode()
     assert {f"open_clip_sigrel/configs/{c}" for c in CONFIGS} <= names
+    modules = {p.relative_to(REPO).as_posix() for p in (REPO / "open_clip_sigrel").rglob("*.py")}
+    assert modules <= names, sorted(modules - names)  # every module of every sub-package ships
     assert {n.split("/")[0] for n in names} == {"open_clip_sigrel", info}  # no tests/, patches/ in the wheel
     assert not [n for n in names if "bench" in n.rsplit("/", 1)[-1]]  # nor the benchmarks, anywhere
     assert "open-clip-sigrel = open_clip_sigrel.cli:main" in entry_points
     assert "open-clip-sigrel-train = open_clip_sigrel.cli.train:cli" in entry_points
     assert "[open_clip.losses]\nsigrel = open_clip_sigrel.hosts.plugin:sigrel" in entry_points
     assert "Requires-Dist: open_clip_torch<5,>=2.30" in metadata
+    requires = [line.split(": ", 1)[1] for line in metadata.splitlines() if line.startswith("Requires-Dist: ")]
+    core = sorted(r.split(";")[0].split("<")[0].split(">")[0].strip() for r in requires if "extra ==" not in r)
+    assert core == ["numpy", "open_clip_torch", "torch"]  # everything else is an extra
+    extras = {line.split(": ", 1)[1] for line in metadata.splitlines() if line.startswith("Provides-Extra: ")}
+    assert {"train", "plots", "research", "data", "all", "test"} <= extras
 
 
 def test_wheel_installs_in_fresh_venv_and_console_scripts_print_help(dists, tmp_path):

@@ -11,6 +11,7 @@ import pytest
 
 from open_clip_sigrel.cli import main as cli_main
 from open_clip_sigrel.tools import bounds as B
+from open_clip_sigrel.tools.bounds.constellation import _p_code_inner_product, _p_code_inner_product_free
 
 
 def _dmin(n: int, m: float, b: float | None = None) -> tuple[int, int]:
@@ -114,8 +115,8 @@ def test_necessary_codes_hold_on_random_constellations() -> None:
         assert (w @ w.T)[off].max() <= 1 - 2 * m + 1e-9
         p = u + v
         p /= np.linalg.norm(p, axis=1, keepdims=True)
-        assert (p @ p.T)[off].max() <= B._p_code_inner_product(m, b) + 1e-9
-        assert (p @ p.T)[off].max() <= B._p_code_inner_product_free(n, m) + 1e-9
+        assert (p @ p.T)[off].max() <= _p_code_inner_product(m, b) + 1e-9
+        assert (p @ p.T)[off].max() <= _p_code_inner_product_free(n, m) + 1e-9
     assert checked > 50
 
 
@@ -240,8 +241,8 @@ def test_sandwich_closes_for_margins_above_one_eighth() -> None:
     # b_rel free and sqrt(8m (1 - 1/N)) >= 2 - 8m: N pairs fit in R^d iff A(d, 1 - 2m) >= N
     for n in (10, 1000):
         for m in (0.13, 0.2, 0.3, 0.45):
-            assert B._p_code_inner_product_free(n, m) == pytest.approx(1 - 2 * m, abs=1e-12)
-        assert B._p_code_inner_product_free(n, 0.1) > 0.8
+            assert _p_code_inner_product_free(n, m) == pytest.approx(1 - 2 * m, abs=1e-12)
+        assert _p_code_inner_product_free(n, 0.1) > 0.8
 
 
 # ---------------------------------------------------------------- one definition of Thm 3.4's region
