@@ -54,8 +54,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from open_clip_sigrel._io import format_table
 from open_clip_sigrel.bias import logit_bias_from_rel_bias
+from open_clip_sigrel.io import format_table
 from open_clip_sigrel.loss import DIST_IMPLS, SigRelLoss, auto_chunk_size
 
 MIB = float(1 << 20)

@@ -43,7 +43,7 @@ def _median_time(fn, repeats: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     from open_clip_train.train import get_clip_metrics
 
-    from open_clip_sigrel._io import format_table
+    from open_clip_sigrel.io import format_table
     from open_clip_sigrel.metrics.geometry import PRESETS, geometry_metrics
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from open_clip_sigrel._io import format_table
+from open_clip_sigrel.io import format_table
 from open_clip_sigrel.tools.bounds import ASYMPTOTIC, RIGOROUS, constellation_bounds
 
 

@@ -10,8 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from open_clip_sigrel._optional import require
 from open_clip_sigrel.cli._fields import add_config_arguments, config_from_args
+from open_clip_sigrel.extras import require
 from open_clip_sigrel.tools.eval_data import EvalError
 from open_clip_sigrel.tools.evaluate import (
     DATA_FIELDS,

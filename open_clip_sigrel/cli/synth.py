@@ -12,8 +12,8 @@ import sys
 from dataclasses import fields
 from typing import Any
 
-from open_clip_sigrel._io import format_table
 from open_clip_sigrel.cli._fields import add_config_arguments, config_from_args
+from open_clip_sigrel.io import format_table
 from open_clip_sigrel.tools.synth import EXPERIMENTS, SynthConfig, run_experiment
 
 

@@ -2,11 +2,15 @@
 
   open_clip3   open_clip 2.30-3.x: names open_clip_train.main / train look up, swapped for one run.
   open_clip4   open_clip 4.x: the task seam (create_task -> SigRelTask, clamp_logit_scale, loss dict).
-  common       what both share: run state, model extension, loss monitor, telemetry, geometry hook.
+  common       what both share: run state, model extension, loss monitor, non-finite guard, geometry hook.
+  telemetry    sigrel_train.jsonl: written per log step, read by read_telemetry; the batch geometry it carries.
+  options      the --sigrel-* flags and their checks (SigrelOptionError).
+  plugin       the ``open_clip.losses`` entry-point object the upstream patches call.
 
 The adapter is chosen by probing what the installed ``open_clip_train.main`` offers (4.x has
 ``create_task``, 3.x ``create_loss``), not by its version string. Nothing outside this package
-touches open_clip_train internals.
+touches open_clip_train's training internals (checkpoint evaluation uses its public CsvDataset and
+get_autocast, which every supported release has).
 """
 from __future__ import annotations
 

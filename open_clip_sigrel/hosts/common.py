@@ -148,10 +148,11 @@ class SigrelRun:
     def get_clip_metrics(self, original, image_features, text_features, logit_scale, **kwargs):
         metrics = original(image_features=image_features, text_features=text_features, logit_scale=logit_scale,
                            **kwargs)
-        preset = getattr(self.args, "sigrel_geometry", "cheap")  # --sigrel-geometry: cheap / full / off
-        if preset == "off":
-            return metrics
         from open_clip_sigrel.metrics.geometry import PRESETS, geometry_metrics
+
+        preset = self.args.sigrel_geometry  # --sigrel-geometry
+        if not PRESETS[preset]:
+            return metrics
 
         if isinstance(image_features, (list, tuple)):  # open_clip 4.x hands over the per-batch chunks
             image_features, text_features = torch.cat(list(image_features)), torch.cat(list(text_features))

@@ -44,7 +44,7 @@ def add_sigrel_arguments(parser) -> None:
                    "(the paper's code), sum")
     g.add_argument("--sigrel-chunk-size", type=int, default=None,
                    help="image rows per loss block (default: about 4M logits per block)")
-    g.add_argument("--sigrel-geometry", choices=(*GEOMETRY_PRESETS, "off"), default="cheap",
+    g.add_argument("--sigrel-geometry", choices=tuple(GEOMETRY_PRESETS), default="cheap",
                    help="geometry metrics added to open_clip's evaluation: cheap (default: all but the exact "
                    "trimmed percentile and the L-BFGS separability fit), full (every group), off")
     g.add_argument("--sigrel-no-geometry", dest="sigrel_geometry", action="store_const", const="off",

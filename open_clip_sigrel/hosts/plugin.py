@@ -14,7 +14,8 @@ nothing is re-implemented.
 Hooks both patches call (``open_clip_train.params.parse_args`` and ``open_clip_train.main``):
 
   add_args(parser)             the ``--sigrel-*`` flags; also registers the shipped model configs.
-  check_args(args)             ``train.resolve_args``: validation, config-block defaults; on 4.x also
+  check_args(args)             ``hosts.options.resolve_args``: validation (SigrelOptionError, a ValueError:
+                               the patched parse_args turns it into parser.error), config-block defaults; on 4.x also
                                ``hosts.open_clip4.check_args`` (no NaFlex, no generative models); on 3.x
                                it sets ``args.max_logit_scale`` (the 3.3.0 patch's clamp of t).
   create_model_and_transforms(args, create_fn, model_name, pretrained, **kwargs)
@@ -45,7 +46,6 @@ the process (from 0, also after ``--resume``) and its ``epoch`` stays 0.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -54,7 +54,7 @@ import torch.nn as nn
 from open_clip_sigrel.configs import register_shipped_configs
 from open_clip_sigrel.hosts import open_clip3, open_clip4
 from open_clip_sigrel.hosts.common import SigrelRun
-from open_clip_sigrel.hosts.options import SigrelOptionError, add_sigrel_arguments, resolve_args
+from open_clip_sigrel.hosts.options import add_sigrel_arguments, resolve_args
 
 NAME = "sigrel"
 
@@ -81,13 +81,9 @@ class SigrelLossPlugin:
 
     def check_args(self, args: argparse.Namespace) -> None:
         """The plugin's own checks and defaults; the run's state starts here."""
-        try:
-            resolve_args(args)
-            if _has_task_api():
-                open_clip4.check_args(args)  # SigRelTask clamps t itself
-        except SigrelOptionError as e:  # called from the patched parse_args: argparse's exit status 2
-            print(f"open_clip_train: error: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
+        resolve_args(args)  # SigrelOptionError (a ValueError): the patched parse_args makes it parser.error
+        if _has_task_api():
+            open_clip4.check_args(args)  # SigRelTask clamps t itself
         if not _has_task_api():
             args.max_logit_scale = args.sigrel_max_logit_scale  # read by the 3.3.0 patch's clamp
         self._run = SigrelRun(args)

@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from open_clip_sigrel._io import read_jsonl
+from open_clip_sigrel.io import read_jsonl
 from open_clip_sigrel.metrics.functional import margin_and_rel_bias
 
 TELEMETRY_FILE = "sigrel_train.jsonl"

@@ -154,7 +154,7 @@ def batched_sigrel_loss(
 
     image_features, text_features: (R, B, d); logit_scale t and rel_bias b_rel: (R,). Returns the (R,)
     losses sum_ij -log sigmoid(y_ij t_r (s_ij - b_r)) / norm, same formula as ``sigrel_loss``
-    (softplus(z) summed minus the diagonal logits). With ``compute_value=False`` the returned values
+    (loss.kernel.pair_terms_ on one dense block per run). With ``compute_value=False`` the returned values
     are NaN but the gradients are exact: the softplus is the slowest op of a training step on CPU,
     and the gradient needs only sigmoid(z). Dense: keeps (R, B, B) temporaries (fine for the
     synthetic sizes; no blockwise chunking).

@@ -127,7 +127,7 @@ def _prepare(x, y, t, b):
 
 
 class _SoftplusPairSum(torch.autograd.Function):
-    """sum_ij softplus(z_ij) [- sum_i z_ii], z = t * (<x_i, y_j> - b): blockwise, gradient formed in forward.
+    """sum_ij -log sigmoid(y_ij z_ij), z = t * (<x_i, y_j> - b): blockwise through pair_terms_, gradient formed in forward.
 
     With G = dL/dz (sigmoid(z) off the diagonal; -sigmoid(-z_ii) on it when ``positives``):
     dL/dx = t G y, dL/dy = t G^T x, dL/dt = sum G (S - b), dL/db = -t sum G.

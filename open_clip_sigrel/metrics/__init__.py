@@ -9,6 +9,7 @@
 """
 from open_clip_sigrel.metrics.functional import (
     PairStatistics,
+    centred_gap_sum,
     margin_and_rel_bias,
     margins,
     modality_gap,
@@ -30,6 +31,6 @@ from open_clip_sigrel.metrics.separability import linear_separability
 
 __all__ = [
     "geometry_metrics", "GeometryMetric", "metric_groups", "GROUPS", "ALL_GROUPS", "CHEAP_GROUPS",
-    "margin_and_rel_bias", "margins", "trimmed_margins", "violations", "modality_gap", "retrieval",
+    "margin_and_rel_bias", "centred_gap_sum", "margins", "trimmed_margins", "violations", "modality_gap", "retrieval",
     "linear_separability", "PairStatistics", "pair_statistics", "prepare_features",
 ]

@@ -37,6 +37,22 @@ RECALL_KS = (1, 5, 10)
 _RMG_MIN_MATCH = 1e-3  # Schrodi et al. clamp D_match
 
 
+def centred_gap_sum(x, y, mean=None):
+    """sum_i ||z_i - zbar||^2 with z_i = x_i - y_i, over the rows (dim -2) of (..., n, d) tensors.
+
+    xi = centred_gap_sum(x, y) / n is the spread of the pairs' differences around their mean (Bangachev et
+    al. 2025, App. E); ``mean`` gives zbar when x, y are one block of a larger set (streamed sums).
+    Leading dims are independent sets (batched runs).
+
+    >>> x = torch.tensor([[1.0, 0.0], [0.0, 1.0]]); y = torch.zeros(2, 2)
+    >>> float(centred_gap_sum(x, y))
+    1.0
+    """
+    z = x - y
+    z = z - (z.mean(-2, keepdim=True) if mean is None else mean)
+    return (z * z).sum((-1, -2))
+
+
 def margin_and_rel_bias(pos, neg):
     """Halved margin and relative bias of a constellation from a positive and a negative similarity.
 
@@ -115,10 +131,7 @@ def pair_statistics(image_features: Any, text_features: Any) -> PairStatistics:
         l2i += float(torch.linalg.vector_norm(diff, dim=1).sum())
         align += float((diff * diff).sum())
     zbar = (sx - sy) / n
-    xi = 0.0
-    for lo, hi in row_blocks(n, d):
-        z = x[lo:hi].to(f64) - y[lo:hi].to(f64) - zbar
-        xi += float((z * z).sum())
+    xi = sum(float(centred_gap_sum(x[lo:hi].to(f64), y[lo:hi].to(f64), zbar)) for lo, hi in row_blocks(n, d))
     return PairStatistics(n, pos, sx, sy, sqx, sqy, l2i, align, xi)
 
 

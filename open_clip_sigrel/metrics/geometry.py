@@ -97,8 +97,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
 }
 ALL_GROUPS = tuple(GROUPS)
 CHEAP_GROUPS = tuple(g for g in GROUPS if g not in ("trimmed", "separability"))
-#: named sets of groups (the training hook's ``--sigrel-geometry``)
-PRESETS: dict[str, tuple[str, ...]] = {"cheap": CHEAP_GROUPS, "full": ALL_GROUPS}
+#: named sets of groups (the training hook's ``--sigrel-geometry``; "off": none)
+PRESETS: dict[str, tuple[str, ...]] = {"cheap": CHEAP_GROUPS, "full": ALL_GROUPS, "off": ()}
 _CROSS_GROUPS = frozenset({"margins", "trimmed", "violations", "retrieval", "loss"})  # need the X Y^T pass
 
 

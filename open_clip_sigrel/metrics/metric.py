@@ -49,8 +49,8 @@ class GeometryMetric:
     def __init__(self, metrics: str | Iterable[str] | None = None, *, logit_scale: Any = None,
                  logit_bias: Any = None, chunk_size: int | None = None, sync_on_compute: bool = True,
                  process_group=None):
-        metric_groups(metrics)  # an unknown group fails here, not after the evaluation loop
-        self.metrics = metrics if metrics is None or isinstance(metrics, str) else tuple(metrics)
+        # read once (a generator too); an unknown group fails here, not after the evaluation loop
+        self.metrics = None if metrics is None else metric_groups(metrics)
         self.logit_scale, self.logit_bias, self.chunk_size = logit_scale, logit_bias, chunk_size
         self.sync_on_compute, self.process_group = sync_on_compute, process_group
         self._reductions: dict[str, str] = {}

@@ -1,3 +1,2 @@
 """Tools built on the core: the synthetic experiments, the constellation bounds, the digits data, the
-demo, checkpoint evaluation and plots. Each module's ``configure_parser`` / ``run`` back one
-``open-clip-sigrel`` subcommand."""
+demo, checkpoint evaluation and plots. Library code only: their command lines are open_clip_sigrel.cli.<name>."""

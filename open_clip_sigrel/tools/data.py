@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from open_clip_sigrel._optional import require
+from open_clip_sigrel.extras import require
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -136,7 +136,6 @@ def _draw_samples(n: int, k: int, labels: np.ndarray, rng: np.random.Generator) 
 
 def _mosaic(cells: np.ndarray, image_size: int) -> Image.Image:
     """Tile K 8x8 uint8 digits row-major on a square grid (empty cells black), resize, make RGB."""
-    require("PIL", "data")
     from PIL import Image
 
     k = len(cells)

@@ -46,12 +46,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from open_clip_sigrel._io import format_table as _format_table
-from open_clip_sigrel._io import read_jsonl
-from open_clip_sigrel._optional import require
 from open_clip_sigrel.bias import rel_bias_from_logit_bias
+from open_clip_sigrel.extras import require
 from open_clip_sigrel.hosts.options import DEFAULT_INIT_LOGIT_SCALE, DEFAULT_INIT_REL_BIAS
 from open_clip_sigrel.hosts.telemetry import TELEMETRY_FILE, read_telemetry
+from open_clip_sigrel.io import format_table as _format_table
+from open_clip_sigrel.io import read_jsonl
 from open_clip_sigrel.tools.data import DigitsConfig, ensure_digits_dataset
 
 __all__ = [
@@ -223,7 +223,7 @@ class _Progress:
         self.epochs_seen, self.evals_seen = 0, 0
 
     def poll(self) -> None:
-        steps = train_records(self.run_dir) if (self.run_dir / TELEMETRY_FILE).is_file() else []
+        steps = train_records(self.run_dir, strict=False) if (self.run_dir / TELEMETRY_FILE).is_file() else []
         ends = [r for r in steps if r["epoch_progress"] == r["epoch"] + 1]
         for rec in ends[self.epochs_seen:]:
             self.progress(f"[demo {self.name}] epoch {rec['epoch'] + 1}: train loss {_fmt(rec['train_loss_epoch_mean'])}, "
@@ -299,14 +299,15 @@ def run_demo(config: DemoConfig | None = None, *, train: bool = True, plots: boo
 # ----------------------------------------------------------------------------------- reading logs
 
 
-def train_records(run_dir: str | os.PathLike) -> list[dict]:
-    """The run's structured training telemetry (sigrel_train.jsonl), one dict per logged step.
+def train_records(run_dir: str | os.PathLike, *, strict: bool = True) -> list[dict]:
+    """The run's structured training telemetry (sigrel_train.jsonl), one dict per logged step
+    (strict=False: a run still writing, whose last line may be cut short).
 
     Keys: epoch, step, epoch_progress (epoch + fraction of its steps done), lr, logit_scale (t),
     rel_bias, logit_bias, train_loss (this step) and train_loss_epoch_mean (mean of the epoch's
     logged steps so far).
     """
-    rows = read_telemetry(run_dir)
+    rows = read_telemetry(run_dir, strict=strict)
     per_epoch: dict[int, int] = {}
     for r in rows:
         per_epoch[r["epoch"]] = max(per_epoch.get(r["epoch"], 0), r["step"] + 1)

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from open_clip_sigrel._optional import require
+from open_clip_sigrel.extras import require
 
 if TYPE_CHECKING:  # the settings' type only: evaluate.py imports this module
     from open_clip_sigrel.tools.evaluate import EvalConfig
@@ -230,7 +230,6 @@ def _wds_sample(sample: dict, preprocess, tokenizer) -> tuple[Any, Any, str | No
                             f"{', '.join(k for k in sample if not k.startswith('__'))}")
     if "txt" not in sample:
         return None, None, f"sample '{key}' in {url} has no txt caption"
-    require("PIL", "data")
     from PIL import Image
 
     try:

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from open_clip_sigrel._io import format_table as _format_table
+from open_clip_sigrel.io import format_table as _format_table
 from open_clip_sigrel.tools.eval_data import (
     EvalError,
     _first_msg,

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from open_clip_sigrel._io import read_jsonl
-from open_clip_sigrel._optional import require
+from open_clip_sigrel.extras import require
+from open_clip_sigrel.io import read_jsonl
 from open_clip_sigrel.metrics import margin_and_rel_bias, pair_statistics, prepare_features
 
 FigureCanvasAgg = require("matplotlib.backends.backend_agg", "plots").FigureCanvasAgg

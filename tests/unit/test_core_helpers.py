@@ -1,13 +1,15 @@
 """The small core modules: the sign convention, the JSONL reader / table, optional extras, training options."""
 import argparse
 import json
+import re
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from open_clip_sigrel import _io, bias
-from open_clip_sigrel._optional import EXTRAS, require
+from open_clip_sigrel import bias, io
+from open_clip_sigrel.extras import DISTRIBUTIONS, EXTRAS
 
 
 def test_sign_convention_round_trips_and_matches_open_clips_logits():
@@ -23,29 +25,64 @@ def test_read_jsonl_strict_and_lenient(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_text(json.dumps({"a": 1}) + "\n\n" + json.dumps({"a": 2}) + "\n" + '{"a": 3')  # last line cut short
     with pytest.raises(ValueError, match=r"r.jsonl, line 4: not JSON"):
-        _io.read_jsonl(path)
-    assert _io.read_jsonl(path, strict=False) == [{"a": 1}, {"a": 2}]
+        io.read_jsonl(path)
+    assert io.read_jsonl(path, strict=False) == [{"a": 1}, {"a": 2}]
     (tmp_path / "list.jsonl").write_text("[1, 2]\n")
     with pytest.raises(ValueError, match="expected a JSON object"):
-        _io.read_jsonl(tmp_path / "list.jsonl")
-    assert _io.read_jsonl(tmp_path / "absent.jsonl", missing_ok=True) == []
+        io.read_jsonl(tmp_path / "list.jsonl")
+    assert io.read_jsonl(tmp_path / "absent.jsonl", missing_ok=True) == []
     with pytest.raises(FileNotFoundError):
-        _io.read_jsonl(tmp_path / "absent.jsonl")
+        io.read_jsonl(tmp_path / "absent.jsonl")
 
 
 def test_format_table_aligns_columns():
-    out = _io.format_table(("name", "x"), [("a", "1.5"), ("long-name", "-2")], title="T").splitlines()
+    out = io.format_table(("name", "x"), [("a", "1.5"), ("long-name", "-2")], title="T").splitlines()
     assert out[0] == "T"
     assert out[1].split() == ["name", "x"] and set(out[2]) == {"-"}
     assert out[3].startswith("a ") and out[3].endswith("1.5") and out[4].endswith(" -2")
     assert len({len(line) for line in out[1:]}) == 1
 
 
-@pytest.mark.parametrize("extra, module", [(e, m) for e, ms in EXTRAS.items() for m in ms])
-def test_a_missing_optional_dependency_names_its_extra(monkeypatch, extra, module):
+def test_the_extras_table_matches_the_package_metadata():
+    """Each module the code imports through require(module, extra) is a distribution of that extra in setup.cfg."""
+    from importlib.metadata import requires
+
+    declared: dict[str, set[str]] = {}
+    for req in requires("open_clip_sigrel") or []:
+        if "extra ==" in req:
+            name = re.split(r"[<>=!~; \[]", req, maxsplit=1)[0].lower()
+            declared.setdefault(req.split("extra ==")[1].strip().strip("'\""), set()).add(name)
+    for extra, modules in EXTRAS.items():
+        for module in modules:
+            assert DISTRIBUTIONS.get(module, module).lower() in declared.get(extra, set()), (extra, module)
+        assert declared[extra] <= declared["all"] <= declared["test"]
+
+
+def test_every_require_call_names_an_extra_that_brings_the_module():
+    """The call sites themselves (not the table): require(<module>, <extra>) across the package's source."""
+    calls = re.findall(r"require\(f?[\"']([\w.{}]+)[\"'], [\"'](\w+)[\"']\)", "\n".join(
+        p.read_text() for p in Path(bias.__file__).parent.rglob("*.py")))
+    assert len(calls) >= 8
+    for module, extra in calls:
+        top = module.split(".")[0].replace("{module}", "")
+        if top:
+            assert top in EXTRAS[extra], (module, extra)
+
+
+@pytest.mark.parametrize("module, extra, call", [
+    ("scipy", "research", lambda: __import__("open_clip_sigrel.tools.bounds", fromlist=["x"]).delsarte_lp_bound(8, 0.5)),
+    ("matplotlib", "plots", lambda: __import__("open_clip_sigrel.tools.plots", fromlist=["x"]).plot_training_curves(
+        "missing.jsonl", "out.png")),
+    ("sklearn", "data", lambda: __import__("open_clip_sigrel.tools.data", fromlist=["x"]).make_digits_dataset(
+        "unused_dir", n_train=4, n_val=4)),
+])
+def test_a_missing_extra_fails_at_its_call_site_naming_the_extra(monkeypatch, tmp_path, module, extra, call):
+    monkeypatch.chdir(tmp_path)
+    for name in [k for k in sys.modules if k == module or k.startswith(module + ".")]:
+        monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, module, None)  # import -> ModuleNotFoundError, as when not installed
     with pytest.raises(ImportError, match=rf"pip install 'open_clip_sigrel\[{extra}\]'"):
-        require(module, extra)
+        call()
 
 
 def test_missing_training_libraries_name_the_train_extra(monkeypatch):
@@ -71,3 +108,20 @@ def test_training_options_raise_in_the_library_and_exit_2_in_the_cli(capsys):
         parse_args(["--train-data", "x.tar", "--model", "sigrel-tiny", "--loss", "sigrel",
                     "--sigrel-init-logit-scale", "-1"])
     assert exc.value.code == 2 and "finite and > 0" in capsys.readouterr().err
+
+
+PACKAGE = Path(bias.__file__).parent
+DOCTESTED = sorted(
+    ".".join(("open_clip_sigrel", *f.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__")
+    for f in PACKAGE.rglob("*.py") if ">>> " in f.read_text()
+)
+
+
+@pytest.mark.parametrize("module", DOCTESTED)
+def test_docstring_examples(module):
+    """Every example in the package's docstrings runs and prints what it says."""
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module))
+    assert result.attempted > 0 and result.failed == 0

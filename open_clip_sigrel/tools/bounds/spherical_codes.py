@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from open_clip_sigrel._optional import require
+from open_clip_sigrel.extras import require
 from open_clip_sigrel.tools.bounds._shared import _TOL, RIGOROUS
 
 _LOG_HUGE = 690.0  # exp() of more overflows; bounds above this are reported as 1e300 / inf

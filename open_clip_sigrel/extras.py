@@ -4,12 +4,16 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-#: extra -> the top-level modules it brings (setup.cfg's [options.extras_require] lists the packages)
+#: extra -> the modules the package imports from it through ``require`` (setup.cfg's [options.extras_require]
+#: lists their distributions; a unit test checks the two agree). Pillow is not one: torchvision brings it.
 EXTRAS = {
+    "train": ("webdataset", "pandas", "braceexpand"),
     "plots": ("matplotlib",),
     "research": ("scipy", "sklearn"),
-    "data": ("sklearn", "PIL", "webdataset", "pandas"),
+    "data": ("sklearn", "webdataset", "pandas", "braceexpand"),
 }
+#: the distribution of each module above
+DISTRIBUTIONS = {"sklearn": "scikit-learn"}
 
 
 def require(module: str, extra: str) -> ModuleType:
