@@ -34,7 +34,7 @@ set -euo pipefail
 # SIGREL_RECIPES_DIR when set.
 RECIPES_DIR=${SIGREL_RECIPES_DIR:-$(dirname "${BASH_SOURCE[0]}")}
 if [[ ! -f "$RECIPES_DIR/_common.sh" && -n "${SLURM_JOB_ID:-}" ]] && command -v scontrol >/dev/null; then
-  submitted=$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p' | head -n 1) || true
+  submitted=$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p' | sed -n 1p) || true
   [[ "$submitted" == /* ]] || submitted="${SLURM_SUBMIT_DIR:-.}/$submitted"
   RECIPES_DIR=$(dirname "$submitted")
 fi
@@ -66,7 +66,8 @@ recipe_args laion400m-vitb16 \
 
 # Rendezvous for torch.distributed (dist_url env://): the first node of the allocation.
 if [[ -n "${SLURM_JOB_NODELIST:-}" ]] && command -v scontrol >/dev/null; then
-  MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  # sed reads all of scontrol's output: `head -n 1` could exit first and SIGPIPE it (141 under pipefail)
+  MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
 fi
 export MASTER_ADDR=${MASTER_ADDR:-localhost}
 export MASTER_PORT=${MASTER_PORT:-12802}
