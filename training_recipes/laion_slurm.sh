@@ -76,5 +76,5 @@ CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-$(seq -s, 0 $((GPUS_PER_NODE - 1)))
 export CUDA_VISIBLE_DEVICES
 
 # srun stops at the first non-option (python), python at `-m MODULE`: every later argument reaches
-# open_clip_sigrel.cli.train unchanged, so no `--` is needed here (unlike torchrun in the cc3m / cc12m recipes).
+# open_clip_sigrel.cli.train unchanged, so no `--` is needed here (unlike the torch launcher of the cc3m / cc12m recipes).
 launch srun --cpu_bind=v --accel-bind=gn python -u -m open_clip_sigrel.cli.train

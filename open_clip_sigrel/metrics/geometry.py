@@ -288,7 +288,7 @@ def geometry_metrics(
         elif group == "violations":
             out.update(fn.violations(stats.pos, cross["neg_above"], threshold))
         elif group == "separability":
-            out["linear_separability"] = linear_separability(x, y)
+            out["linear_separability"] = linear_separability(x, y, means=(stats.sum_x / stats.n, stats.sum_y / stats.n))
         elif group == "gap":
             out.update(fn.modality_gap(stats))
         elif group == "uniformity":

@@ -33,11 +33,18 @@ from open_clip_sigrel.metrics.inputs import prepare_features
 __all__ = ["linear_separability"]
 
 
-def linear_separability(image_features: Any, text_features: Any, *, max_iter: int = 300) -> float:
-    """Best training accuracy of the linear classifiers above on the 2N (normalised) points."""
+def linear_separability(image_features: Any, text_features: Any, *, max_iter: int = 300,
+                        means: tuple[torch.Tensor, torch.Tensor] | None = None) -> float:
+    """Best training accuracy of the linear classifiers above on the 2N (normalised) points.
+
+    means: the modality centroids (float64) when the caller has them already (geometry_metrics'
+    pair statistics): no second pass over the features.
+    """
     x, y = prepare_features(image_features, text_features)
-    stats = pair_statistics(x, y)
-    mx, my = stats.sum_x / stats.n, stats.sum_y / stats.n
+    if means is None:
+        stats = pair_statistics(x, y)
+        means = stats.sum_x / stats.n, stats.sum_y / stats.n
+    mx, my = means
     with torch.inference_mode(False):  # callers (open_clip's evaluate) may run under inference_mode
         return _fit_separability(x.clone(), y.clone(), mx.clone(), my.clone(), max_iter)
 

@@ -98,6 +98,25 @@ def _upper(n: int, c: float, lp: bool) -> tuple[float, str]:
     return r["upper"], r["upper_source"]
 
 
+def _gallop(pred, start: int, max_step: int) -> tuple[int, int | None]:
+    """(largest d found with pred(d), the first d found without) for pred true up to some d and false after,
+    pred(start) taken as true: probes start + 1, + 2, + 4, ... from the last true point, then bisects
+    between it and the first false one. (best, None) if pred still held once the step passed max_step."""
+    best, step = start, 1
+    while pred(best + step):
+        best, step = best + step, step * 2
+        if step > max_step:
+            return best, None
+    lo, hi = best, best + step
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if pred(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo, hi
+
+
 class _Problem:
     """Rigorous lower/upper bounds on the number of pairs that fit in d dims, for a fixed (m, b_rel)."""
 
@@ -153,17 +172,9 @@ class _Problem:
         """Smallest d found with lower(d) >= N (lower is monotone in d: bisection is exact)."""
         if self.lower(1)[0] >= self.n:
             return 1, self.lower(1)[1]
-        lo, hi = 1, 2
-        while self.lower(hi)[0] < self.n:
-            lo, hi = hi, hi * 2
-            if hi > 1 << 62:
-                raise RuntimeError("no sufficient dimension found")
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if self.lower(mid)[0] >= self.n:
-                hi = mid
-            else:
-                lo = mid
+        _, hi = _gallop(lambda d: self.lower(d)[0] < self.n, 1, max_step=1 << 61)
+        if hi is None:
+            raise RuntimeError("no sufficient dimension found")
         return hi, self.lower(hi)[1]
 
     def largest_excluded(self) -> tuple[int, str]:
@@ -171,42 +182,9 @@ class _Problem:
         def excluded(d: int, lp: bool) -> bool:
             return self.upper(d, lp)[0] < self.n
 
-        # Cheap bounds (monotone in d) first, then the LP bound refines by galloping + bisection.
-        if not excluded(1, False):
-            base = 0
-        else:
-            lo, hi = 1, 2
-            while excluded(hi, False):
-                lo, hi = hi, hi * 2
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                if excluded(mid, False):
-                    lo = mid
-                else:
-                    hi = mid
-            base = lo
-        best = base
-        step = 1
-        bad = None
-        while True:
-            d = best + step
-            if excluded(d, True):
-                best = d
-                step *= 2
-            else:
-                bad = d
-                break
-            if step > 1 << 40:
-                break
-        if bad is not None:
-            lo, hi = best, bad
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                if excluded(mid, True):
-                    lo = mid
-                else:
-                    hi = mid
-            best = lo
+        # Cheap bounds (monotone in d) first, then the LP bound refines from there.
+        base = _gallop(lambda d: excluded(d, False), 1, max_step=1 << 62)[0] if excluded(1, False) else 0
+        best, _ = _gallop(lambda d: excluded(d, True), base, max_step=1 << 40)
         why = self.upper(best, True)[1] if best >= 1 else "no dimension excluded"
         return best, why
 
