@@ -11,6 +11,7 @@ EXTRAS = {
     "plots": ("matplotlib",),
     "research": ("scipy", "sklearn"),
     "data": ("sklearn", "webdataset", "pandas", "braceexpand"),
+    "hf": ("transformers",),
 }
 #: the distribution of each module above
 DISTRIBUTIONS = {"sklearn": "scikit-learn"}

@@ -1,4 +1,4 @@
-"""Small I/O helpers every tool shares: one JSONL reader, one console table."""
+"""Small I/O helpers every tool shares: one JSONL reader, one console table, output-path checks and atomic writes."""
 from __future__ import annotations
 
 import json
@@ -52,3 +52,61 @@ def format_table(head: Sequence[str], rows: Sequence[Sequence[str]], *, title: s
     header = line(head)
     out = ([title] if title else []) + [header, "-" * len(header)] + [line(r) for r in rows]
     return "\n".join(out)
+
+
+def check_writable_dir(path: str | os.PathLike, *, what: str = "--output") -> str:
+    """Raise ValueError unless ``path`` is, or can be created as, a directory this process can write into.
+
+    Checked before any work, so a run never fails at its last step. Nothing is left behind: the nearest
+    existing ancestor is probed with a temporary file that is removed at once (os.access is not enough:
+    it says yes to root on a read-only mount). Returns the path as a string.
+    """
+    import tempfile
+
+    path = os.fspath(path)
+    if not path:
+        raise ValueError(f"{what}: empty path")
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise ValueError(f"{what} {path}: {probe} exists and is not a directory")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".write-check-", dir=probe)
+    except OSError as e:
+        raise ValueError(f"{what} {path}: cannot write in {probe} ({e.strerror or e})") from None
+    os.close(fd)
+    os.remove(tmp)
+    return path
+
+
+def check_writable_file(path: str | os.PathLike, *, what: str = "--output") -> str:
+    """Raise ValueError unless the file ``path`` can be written (not a directory; its folder writable)."""
+    path = os.fspath(path)
+    if not path:
+        raise ValueError(f"{what}: empty path")
+    if os.path.isdir(path):
+        raise ValueError(f"{what} {path}: is a directory, expected a file")
+    check_writable_dir(os.path.dirname(os.path.abspath(path)), what=f"{what} {path}: its folder")
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename: readers see
+    the old file or the whole new one, never half of it; a failed write leaves nothing behind."""
+    import tempfile
+
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

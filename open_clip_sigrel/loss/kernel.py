@@ -168,9 +168,9 @@ class _BatchedPairSum(torch.autograd.Function):
     (pair_terms_) and the same gradient identities as _SoftplusPairSum, dL/dt from <x, G y> - b sum G."""
 
     @staticmethod
-    def forward(ctx, x, y, t, b, norm: float, compute_value: bool):
+    def forward(ctx, x, y, t, b, norm: float, compute_value: bool, form: str = "exact"):
         z = torch.bmm(x, y.transpose(1, 2)).sub_(b[:, None, None]).mul_(t[:, None, None])
-        value = pair_terms_(z, 0, grad=True, value=compute_value) / norm  # z becomes G
+        value = _terms(form)(z, 0, grad=True, value=compute_value) / norm  # z becomes G
         if not compute_value:
             value.fill_(float("nan"))
         # G y and G^T x as (d, B) x (B, B) products, transposed back: ~3x faster than (B, B) x (B, d) for small d on CPU
@@ -196,4 +196,54 @@ class _BatchedPairSum(torch.autograd.Function):
             gb * grad if ctx.needs_input_grad[3] else None,
             None,
             None,
+            None,
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# The authors' clipped terms (for reproducing the paper's code only; every other loss is exact)
+# ----------------------------------------------------------------------------------------------
+#: the epsilon of the authors' code: -log(sigmoid(z) + eps); each term caps at -log(eps) ~ 18.42
+AUTHORS_EPS = 1e-8
+#: loss forms of batched_pair_loss: "exact" (pair_terms_, -log sigmoid) and "authors" (clipped_pair_terms_)
+LOSS_FORMS = ("exact", "authors")
+
+
+def clipped_pair_terms_(z: torch.Tensor, diag_offset: int | None = 0, *, grad: bool = False, value: bool = True,
+                        eps: float = AUTHORS_EPS) -> torch.Tensor:
+    """The authors' terms, summed per problem like ``pair_terms_`` (z consumed; with ``grad`` it becomes G):
+
+        positives  -log(sigmoid(z) + eps),    G = -sigmoid(z) sigmoid(-z) / (sigmoid(z) + eps)
+        negatives  -log(1 - sigmoid(z) + eps), G =  sigmoid(z) sigmoid(-z) / (sigmoid(-z) + eps)
+
+    1 - sigmoid(z) is written sigmoid(-z) (equal in exact arithmetic; no cancellation). A badly wrong
+    pair's term saturates near -log(eps) and its gradient vanishes: the cause of the paper's
+    "fixed large t" and "large initial t" failures.
+    """
+    p = torch.sigmoid(z)  # sigmoid(z); q = sigmoid(-z) = 1 - p without cancellation
+    q = torch.sigmoid(-z)
+    sign = torch.ones_like(z)
+    if diag_offset is not None:
+        sign.diagonal(diag_offset, dim1=-2, dim2=-1).fill_(-1.0)
+    right = torch.where(sign < 0, p, q)  # the probability of the correct label
+    total = (-torch.log(right + eps)).sum((-1, -2)) if value else z.new_zeros(z.shape[:-2])
+    if grad:
+        z.copy_(p.mul_(q).div_(right + eps).mul_(sign))  # sign * p q / (right + eps); right is its own tensor
+    return total
+
+
+def _terms(form: str):
+    if form == "exact":
+        return pair_terms_
+    if form == "authors":
+        return clipped_pair_terms_
+    raise ValueError(f"loss form must be one of {', '.join(LOSS_FORMS)}, got {form!r}")
+
+
+def batched_pair_loss(x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, b: torch.Tensor, norm: float, *,
+                      compute_value: bool = True, form: str = "exact") -> torch.Tensor:
+    """(R,) losses of R dense problems, x, y: (R, B, d), t, b: (R,), sum of terms / norm; ``form``: LOSS_FORMS.
+
+    form="exact" is loss.batched_sigrel_loss's computation (the same Function, bit-identical)."""
+    _terms(form)
+    return _BatchedPairSum.apply(x, y, t, b, float(norm), bool(compute_value), form)

@@ -3,6 +3,11 @@
 Notation: x_i image, y_i text of pair i (L2-normalised), s_ij = <x_i, y_j>, N pairs; "pos" are the N
 matched similarities s_ii, "neg" the N(N-1) unmatched s_ij (i != j).
 
+Several captions per image (``text_image``: caption j belongs to image o(j)): N images, M captions, each
+caption a text; the positives are the M similarities s_{o(j) j} (an image's captions are all its
+positives), the negatives the N M - M others; "pairs" are the M (image, caption) pairs. With one caption
+per image (o(j) = j) everything reduces to the formulas above.
+
 The negatives are never held: the functions that need them take their statistics (max, mean, count
 above a threshold, a percentile, rank counts), which ``geometry_metrics`` accumulates in one tiled
 pass over X Y^T. Everything O(N d) is in ``pair_statistics`` (float64). Each function returns plain
@@ -25,12 +30,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from open_clip_sigrel.metrics.inputs import prepare_features, row_blocks
+from open_clip_sigrel.metrics.inputs import caption_owners, prepare_features, row_blocks
 from open_clip_sigrel.metrics.percentile import percentile
 
 __all__ = [
     "margin_and_rel_bias", "PairStatistics", "pair_statistics", "margins", "trimmed_margins", "violations",
-    "modality_gap", "retrieval", "RECALL_KS",
+    "modality_gap", "retrieval", "RECALL_KS", "dot64",
 ]
 
 RECALL_KS = (1, 5, 10)
@@ -72,19 +77,24 @@ def margin_and_rel_bias(pos, neg):
 class PairStatistics:
     """The O(N d) statistics of N matched pairs, float64 (see ``pair_statistics``)."""
 
-    n: int
-    pos: torch.Tensor  # (N,) s_ii
-    sum_x: torch.Tensor  # (d,) sum_i x_i
-    sum_y: torch.Tensor  # (d,) sum_i y_i
+    n: int  # pairs (M; = N with one caption per image)
+    pos: torch.Tensor  # (M,) s_{o(j) j}
+    sum_x: torch.Tensor  # (d,) sum_i x_i over the N images
+    sum_y: torch.Tensor  # (d,) sum_j y_j over the M texts
     sq_x: float  # sum_i ||x_i||^2 (N up to rounding)
     sq_y: float
-    l2i_sum: float  # sum_i ||x_i - y_i||
-    align_sum: float  # sum_i ||x_i - y_i||^2
-    xi_sum: float  # sum_i ||z_i - mean(z)||^2, z_i = x_i - y_i
+    l2i_sum: float  # sum_j ||x_o(j) - y_j||
+    align_sum: float  # sum_j ||x_o(j) - y_j||^2
+    xi_sum: float  # sum_j ||z_j - mean(z)||^2, z_j = x_o(j) - y_j
+    n_image: int | None = None  # N (None: = n)
+
+    @property
+    def n_images(self) -> int:
+        return self.n if self.n_image is None else self.n_image
 
     @property
     def n_neg(self) -> int:
-        return self.n * (self.n - 1)
+        return self.n_images * self.n - self.n
 
     @property
     def pos_mean(self) -> float:
@@ -92,47 +102,70 @@ class PairStatistics:
 
     @property
     def neg_mean(self) -> float:
-        """mean_{i != j} s_ij = (<sum x, sum y> - sum_i s_ii) / (N (N - 1)): exact without the N^2 set."""
+        """mean of the negatives = (<sum x, sum y> - sum of the positives) / (N M - M): exact without them."""
         return (float(self.sum_x @ self.sum_y) - float(self.pos.sum())) / self.n_neg
 
     @property
     def cone_image(self) -> float:
-        """mean_{i != j} <x_i, x_j> = (||sum x||^2 - sum ||x_i||^2) / (N (N - 1))."""
-        return (float(self.sum_x @ self.sum_x) - self.sq_x) / self.n_neg
+        """mean_{i != i'} <x_i, x_i'> = (||sum x||^2 - sum ||x_i||^2) / (N (N - 1)), over the images."""
+        n = self.n_images
+        return (float(self.sum_x @ self.sum_x) - self.sq_x) / (n * (n - 1))
 
     @property
     def cone_text(self) -> float:
-        return (float(self.sum_y @ self.sum_y) - self.sq_y) / self.n_neg
+        """The same over the M texts (captions of one image included); 0 for a single text."""
+        m = self.n
+        return (float(self.sum_y @ self.sum_y) - self.sq_y) / (m * (m - 1)) if m > 1 else 0.0
+
+
+def dot64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise <a_k, b_k> in float64: THE kernel of every matched similarity, and of the unmatched ones
+    that retrieval compares with them (so that equal vectors give equal similarities: ties are ties)."""
+    return (a.to(torch.float64) * b.to(torch.float64)).sum(1)
 
 
 @torch.no_grad()
-def pair_statistics(image_features: Any, text_features: Any) -> PairStatistics:
+def pair_statistics(image_features: Any, text_features: Any, text_image: Any = None) -> PairStatistics:
     """Validates and normalises the pairs (``prepare_features``), then sums in float64 row blocks.
+
+    text_image: the image index of each text (several captions per image); None: text i is image i's.
 
     >>> st = pair_statistics([[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [1.0, 0.0]])
     >>> st.pos.tolist(), st.pos_mean, st.neg_mean
     ([1.0, 0.0], 0.5, 0.5)
     """
-    x, y = prepare_features(image_features, text_features)
-    n, d = x.shape
+    x, y = prepare_features(image_features, text_features, multi_caption=text_image is not None)
+    owner = None if text_image is None else caption_owners(text_image, x.shape[0], y.shape[0], x.device)
+    (n_img, d), m = x.shape, y.shape[0]
     f64 = torch.float64
     sx = torch.zeros(d, dtype=f64, device=x.device)
     sy = torch.zeros(d, dtype=f64, device=x.device)
     sqx = sqy = l2i = align = 0.0
-    pos = torch.empty(n, dtype=f64, device=x.device)
-    for lo, hi in row_blocks(n, d):
-        xb, yb = x[lo:hi].to(f64), y[lo:hi].to(f64)
+    for lo, hi in row_blocks(n_img, d):
+        xb = x[lo:hi].to(f64)
         sx += xb.sum(0)
-        sy += yb.sum(0)
         sqx += float((xb * xb).sum())
+
+    def paired(lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (x[lo:hi] if owner is None else x[owner[lo:hi]]), y[lo:hi]
+
+    pos = torch.empty(m, dtype=f64, device=x.device)
+    for lo, hi in row_blocks(m, d):
+        xb, yb = paired(lo, hi)
+        pos[lo:hi] = dot64(xb, yb)
+        xb, yb = xb.to(f64), yb.to(f64)
+        sy += yb.sum(0)
         sqy += float((yb * yb).sum())
-        pos[lo:hi] = (xb * yb).sum(1)
         diff = xb - yb
         l2i += float(torch.linalg.vector_norm(diff, dim=1).sum())
         align += float((diff * diff).sum())
-    zbar = (sx - sy) / n
-    xi = sum(float(centred_gap_sum(x[lo:hi].to(f64), y[lo:hi].to(f64), zbar)) for lo, hi in row_blocks(n, d))
-    return PairStatistics(n, pos, sx, sy, sqx, sqy, l2i, align, xi)
+    if owner is None:
+        zbar = (sx - sy) / m
+    else:  # mean of z_j = x_o(j) - y_j: images weighted by their caption counts
+        counts = torch.bincount(owner, minlength=n_img).to(f64)
+        zbar = (sum(counts[lo:hi] @ x[lo:hi].to(f64) for lo, hi in row_blocks(n_img, d)) - sy) / m
+    xi = sum(float(centred_gap_sum(*(t.to(f64) for t in paired(lo, hi)), zbar)) for lo, hi in row_blocks(m, d))
+    return PairStatistics(m, pos, sx, sy, sqx, sqy, l2i, align, xi, None if owner is None else n_img)
 
 
 def margins(pos: torch.Tensor, neg_max: float, neg_mean: float) -> dict[str, float]:
@@ -193,6 +226,9 @@ def modality_gap(stats: PairStatistics) -> dict[str, float]:
                              D_m = max(mean_i d(x_i, y_i), 1e-3), D_img / D_txt = mean_{i != j} d
                                                                                   Schrodi et al. 2025
         cone_image / _text   mean_{i != j} cos(x_i, x_j)  (resp. y)              Liang et al.; MTEB
+
+    Several captions per image: xi, gap_l2i, alignment and D_m run over the M pairs (x_o(j), y_j); the
+    centroids and cones over the N images and the M texts.
         alignment            mean_i ||x_i - y_i||^2                               Wang & Isola 2020
 
     >>> r = modality_gap(pair_statistics([[1.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [1.0, 0.0]]))
@@ -200,7 +236,7 @@ def modality_gap(stats: PairStatistics) -> dict[str, float]:
     (0.0, 1.4142135623730951, 2.0, 0.0)
     """
     n = stats.n
-    mx, my = stats.sum_x / n, stats.sum_y / n
+    mx, my = stats.sum_x / stats.n_images, stats.sum_y / n
     norm_mx, norm_my = float(torch.linalg.vector_norm(mx)), float(torch.linalg.vector_norm(my))
     centroid_cos = float(mx @ my) / (norm_mx * norm_my) if norm_mx > 0 and norm_my > 0 else 0.0
     cone_x, cone_y = stats.cone_image, stats.cone_text
@@ -226,7 +262,9 @@ def retrieval(i2t_higher: torch.Tensor, t2i_higher: torch.Tensor, ks: Sequence[i
         R@k = fraction of rank_i <= k;  mean_rank = mean rank_i;  median_rank = floor(median(rank - 1)) + 1
 
     Strict ">" counts: ties are resolved in the match's favour (deterministic; open_clip's argsort
-    breaks them arbitrarily).
+    breaks them arbitrarily; clip_benchmark's topk by position: ``geometry``'s clip_benchmark group).
+    Several captions per image: image i's rank counts the non-captions of i above its best caption;
+    caption j's rank the other images above its own.
 
     >>> r = retrieval(torch.tensor([0, 0, 3, 7]), torch.tensor([0, 1, 0, 0]), ks=(1, 5))
     >>> r["image_to_text_R@1"], r["image_to_text_R@5"], r["image_to_text_mean_rank"], r["text_to_image_R@1"]

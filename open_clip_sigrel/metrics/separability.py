@@ -1,18 +1,28 @@
 """Linear separability of the two modalities (Bangachev et al. 2025, Thm 3.6).
 
-    linear_separability = max over the classifiers below of  (#{i : w.x_i + c > 0} + #{i : w.y_i + c <= 0}) / 2N
+    linear_separability = (#{i : w.x_i + c > 0} + #{i : w.y_i + c <= 0}) / 2N
 
-the best training accuracy, on all 2N points (no subsampling; the features' float dtype), of three
-linear classifiers with intercept ("image" when w.u + c > 0):
+the training accuracy, on all 2N (normalised) points, of a concrete linear classifier with intercept
+("image" when w.u + c > 0; scores in float64). What is reported:
 
-1. the centroid classifier w = mean x - mean y, c at the midpoint of the class means;
-2. full-batch L-BFGS (at most 300 iterations) on the unregularised squared hinge loss (an L2-SVM: its
-   minimum is 0, hence accuracy 1, on every linearly separable set), started from 1.;
-3. L-BFGS (at most 100 iterations) on the unregularised logistic loss, started from 1.
+* **1.0 exactly when the two sets are linearly separable.** Separable <=> the convex hulls are disjoint
+  (finite sets) <=> the linear programme  x_i.w + c >= 1, y_i.w + c <= -1  is feasible. A separating
+  classifier is found (and then verified by counting) by, in order of cost: the centroid direction, an
+  L-BFGS fit of the squared hinge loss (an L2-SVM), the L1 distance LP between the hulls (HiGHS dual
+  simplex: d + 2 rows, its dual is a separating direction), and the feasibility LP above.
+* **Below 1.0 only with a certificate that the sets are not separable**: convex weights lambda, mu with
+  ||sum lambda_i x_i - sum mu_j y_j||_inf <= tol (the hulls meet; tol = 8 sqrt(d) eps of the features'
+  dtype: within the data's own rounding), checked in float64 -- or HiGHS proving the feasibility LP
+  infeasible. The value is then the best accuracy of the candidate classifiers (the fits above, the LP
+  direction, the top principal axes of each modality; every one with its exactly optimal threshold):
+  a lower bound on the best linear accuracy, whose exact value is NP-hard to compute. On XOR-like sets
+  the principal axes give the "cut off one cluster" line (~3/4).
 
-Stops early at accuracy 1. Deterministic for a given machine. On non-separable sets it is a lower
-bound on the best linear accuracy (computing that exactly is NP-hard). It costs up to ~400 x 4 (N x d)
-products, so the training hook leaves it out unless asked (``--sigrel-geometry full``).
+The LPs need scipy (the ``research`` extra). Without it, when no cheap classifier separates the sets,
+the candidates' best accuracy is returned with a RuntimeWarning saying it is uncertified. Cost: the
+cheap classifiers are a few hundred (N x d) products; the LPs run only when they fail, first on a subset
+of at most 2 d pairs (a non-separable subset certifies the whole set), so non-separable sets usually cost
+one LP of that size. Deterministic for a given machine.
 
 >>> import torch
 >>> x = torch.tensor([[1.0, 0.1], [1.0, -0.1]]); y = -x
@@ -23,73 +33,239 @@ products, so the training hook leaves it out unless asked (``--sigrel-geometry f
 """
 from __future__ import annotations
 
+import math
+import warnings
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
+from open_clip_sigrel.extras import require
 from open_clip_sigrel.metrics.functional import pair_statistics
 from open_clip_sigrel.metrics.inputs import prepare_features
 
-__all__ = ["linear_separability"]
+__all__ = ["linear_separability", "Separability", "separability"]
+
+_SUBSET_PER_DIM = 2  # pairs of the subset LP per dimension (2 x 2 d points in d + 1 parameters: rarely separable)
+_PRINCIPAL_AXES = 2  # top principal axes of each modality tried as directions
+
+
+@dataclass(frozen=True)
+class Separability:
+    """accuracy of the classifier (w, c) on the 2N points; separable: True / False (certified) / None
+    (uncertified: scipy missing); how: which method decided."""
+
+    accuracy: float
+    w: np.ndarray
+    c: float
+    separable: bool | None
+    how: str
 
 
 def linear_separability(image_features: Any, text_features: Any, *, max_iter: int = 300,
                         means: tuple[torch.Tensor, torch.Tensor] | None = None) -> float:
-    """Best training accuracy of the linear classifiers above on the 2N (normalised) points.
+    """The accuracy above: 1.0 iff the modalities are linearly separable (see the module docstring).
 
     means: the modality centroids (float64) when the caller has them already (geometry_metrics'
     pair statistics): no second pass over the features.
     """
+    return separability(image_features, text_features, max_iter=max_iter, means=means).accuracy
+
+
+def separability(image_features: Any, text_features: Any, *, max_iter: int = 300,
+                 means: tuple[torch.Tensor, torch.Tensor] | None = None) -> Separability:
+    """``linear_separability`` with its classifier and its certificate."""
+    if not (isinstance(max_iter, int) and max_iter >= 0):
+        raise ValueError(f"max_iter must be an integer >= 0, got {max_iter!r}")
     x, y = prepare_features(image_features, text_features)
     if means is None:
         stats = pair_statistics(x, y)
         means = stats.sum_x / stats.n, stats.sum_y / stats.n
-    mx, my = means
+    tol = 8 * math.sqrt(x.shape[1]) * torch.finfo(x.dtype).eps
+    mx, my = (m.detach().to(torch.float64).cpu().numpy() for m in means)
     with torch.inference_mode(False):  # callers (open_clip's evaluate) may run under inference_mode
-        return _fit_separability(x.clone(), y.clone(), mx.clone(), my.clone(), max_iter)
+        x64 = x.detach().to(torch.float64).cpu().numpy()
+        y64 = y.detach().to(torch.float64).cpu().numpy()
+        return _decide(x, y, x64, y64, mx, my, max_iter, tol)
 
 
-def _fit_separability(x: torch.Tensor, y: torch.Tensor, mx: torch.Tensor, my: torch.Tensor,
-                      max_iter: int) -> float:
-    n = x.shape[0]
-    dtype = x.dtype
+# ----------------------------------------------------------------------------------------------
+# Classifiers and their exact best threshold
+# ----------------------------------------------------------------------------------------------
+def _best_threshold(sx: np.ndarray, sy: np.ndarray) -> tuple[float, float]:
+    """(accuracy, c) maximising #{sx + c > 0} + #{sy + c <= 0} over c (every distinct cut is tried)."""
+    n = sx.size
+    sxs, sys_ = np.sort(sx), np.sort(sy)
+    lowest = min(float(sxs[0]), float(sys_[0])) - 1.0  # below every score: all "image", n correct
+    cuts = np.concatenate([[lowest], sxs, sys_])  # classify "image" iff score > cut
+    correct = (n - np.searchsorted(sxs, cuts, side="right")) + np.searchsorted(sys_, cuts, side="right")
+    k = int(np.argmax(correct))
+    cut = float(cuts[k])
+    if sys_[-1] < sxs[0]:  # a clean cut: put it mid-way, away from both sets
+        mid = float(sys_[-1]) / 2 + float(sxs[0]) / 2
+        cut = mid if sys_[-1] <= mid < sxs[0] else float(sys_[-1])
+    return float(correct[k]) / (2 * n), -cut
 
-    def accuracy(w: torch.Tensor, c: torch.Tensor) -> float:
-        if not (torch.isfinite(w).all() and torch.isfinite(c).all()):
-            return 0.0
-        correct = int(torch.count_nonzero(x @ w + c > 0)) + int(torch.count_nonzero(y @ w + c <= 0))
-        return correct / (2 * n)
 
+class _Best:
+    """The best classifier seen so far (accuracy, w, c)."""
+
+    def __init__(self, x64: np.ndarray, y64: np.ndarray):
+        self.x64, self.y64 = x64, y64
+        self.accuracy, self.w, self.c, self.how = -1.0, np.zeros(x64.shape[1]), 0.0, ""
+
+    def offer(self, w: np.ndarray | None, how: str) -> bool:
+        """Try direction w (and -w) with its best threshold; True once a classifier separates."""
+        if w is None or not np.all(np.isfinite(w)) or not np.any(w):
+            return self.accuracy == 1.0
+        sx, sy = self.x64 @ w, self.y64 @ w
+        for sign in (1.0, -1.0):
+            acc, c = _best_threshold(sign * sx, sign * sy)
+            if acc > self.accuracy:
+                self.accuracy, self.w, self.c, self.how = acc, sign * w, c, how
+        return self.accuracy == 1.0
+
+    def result(self, separable: bool | None, how: str | None = None) -> Separability:
+        return Separability(self.accuracy, self.w, self.c, separable, how or self.how)
+
+
+def _lbfgs(x: torch.Tensor, y: torch.Tensor, w0: np.ndarray, c0: float, iters: int, loss_name: str) -> np.ndarray:
+    """Full-batch L-BFGS on the unregularised squared hinge (min 0 on separable sets) or logistic loss."""
+    w = torch.tensor(w0, dtype=x.dtype, device=x.device).requires_grad_(True)
+    c = torch.tensor([c0], dtype=x.dtype, device=x.device, requires_grad=True)
+    opt = torch.optim.LBFGS([w, c], lr=1.0, max_iter=iters, history_size=20, tolerance_grad=1e-10,
+                            tolerance_change=1e-14, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        fx, fy = x @ w + c, y @ w + c
+        if loss_name == "logistic":
+            loss = torch.nn.functional.softplus(-fx).mean() + torch.nn.functional.softplus(fy).mean()
+        else:
+            loss = (1 - fx).clamp(min=0).square().mean() + (1 + fy).clamp(min=0).square().mean()
+        loss = loss / 2
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return w.detach().to(torch.float64).cpu().numpy()
+
+
+def _principal_axes(a: np.ndarray, k: int) -> list[np.ndarray]:
+    """The top k principal axes of the rows of a (float64 covariance, eigh)."""
+    centred = a - a.mean(axis=0)
+    _, vecs = np.linalg.eigh(centred.T @ centred)
+    return [vecs[:, -1 - i] for i in range(min(k, a.shape[1]))]
+
+
+# ----------------------------------------------------------------------------------------------
+# The LPs (scipy's HiGHS)
+# ----------------------------------------------------------------------------------------------
+def _hull_distance_lp(x64: np.ndarray, y64: np.ndarray, linprog, sparse):
+    """min ||X^T lam - Y^T mu||_1 over the two simplices (d + 2 rows); 0 iff the hulls meet.
+
+    Returns (value, lam, mu, w) with w the dual of the d residual rows (a separating direction when
+    value > 0), or None when HiGHS gives no solution.
+    """
+    n, d = x64.shape
+    k = y64.shape[0]
+    eye = sparse.identity(d, format="csc")
+    a_eq = sparse.vstack([
+        sparse.hstack([sparse.csc_matrix(x64.T), sparse.csc_matrix(-y64.T), eye, -eye]),
+        sparse.hstack([sparse.csc_matrix(np.ones((1, n))), sparse.csc_matrix((1, k + 2 * d))]),
+        sparse.hstack([sparse.csc_matrix((1, n)), sparse.csc_matrix(np.ones((1, k))), sparse.csc_matrix((1, 2 * d))]),
+    ]).tocsc()
+    b_eq = np.concatenate([np.zeros(d), [1.0, 1.0]])
+    cost = np.concatenate([np.zeros(n + k), np.ones(2 * d)])
+    r = linprog(cost, A_eq=a_eq, b_eq=b_eq, bounds=(0, None), method="highs-ds")
+    if r.status != 0:
+        return None
+    marg = getattr(getattr(r, "eqlin", None), "marginals", None)
+    w = None if marg is None else np.asarray(marg[:d], dtype=np.float64)
+    return float(r.fun), r.x[:n], r.x[n:n + k], w
+
+
+def _hulls_meet(x64: np.ndarray, y64: np.ndarray, lam: np.ndarray, mu: np.ndarray, tol: float) -> bool:
+    """The certificate: lam, mu >= 0 summing to 1 each, with ||lam X - mu Y||_inf <= tol (float64)."""
+    lam, mu = np.clip(lam, 0.0, None), np.clip(mu, 0.0, None)
+    if lam.sum() <= 0 or mu.sum() <= 0:
+        return False
+    lam, mu = lam / lam.sum(), mu / mu.sum()
+    return float(np.max(np.abs(lam @ x64 - mu @ y64))) <= tol
+
+
+def _feasibility_lp(x64: np.ndarray, y64: np.ndarray, linprog):
+    """x.w + c >= 1, y.w + c <= -1: (status, w) with status 0 feasible, 2 infeasible (HiGHS)."""
+    n, d = x64.shape
+    a_ub = np.vstack([np.hstack([-x64, -np.ones((n, 1))]), np.hstack([y64, np.ones((y64.shape[0], 1))])])
+    r = linprog(np.zeros(d + 1), A_ub=a_ub, b_ub=-np.ones(a_ub.shape[0]), bounds=[(None, None)] * (d + 1),
+                method="highs")
+    return r.status, (r.x[:d] if r.status == 0 else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# The decision
+# ----------------------------------------------------------------------------------------------
+def _decide(x: torch.Tensor, y: torch.Tensor, x64: np.ndarray, y64: np.ndarray, mx: np.ndarray, my: np.ndarray,
+            max_iter: int, tol: float) -> Separability:
+    best = _Best(x64, y64)
     w0 = mx - my
+    if best.offer(w0, "centroid direction"):
+        return best.result(True)
     nn2 = float(w0 @ w0)
-    c0 = 0.0
-    if nn2 > 0:
-        w0 = w0 * (4.0 / nn2)  # class means at logits +-2
-        c0 = -float(w0 @ (mx + my)) / 2
-    w0 = w0.to(dtype)
-    best = accuracy(w0, torch.tensor([c0], dtype=dtype, device=x.device))
-    for loss_name, iters in (("squared_hinge", max_iter), ("logistic", max_iter // 3)):
-        if best == 1.0:
-            break
-        w = w0.clone().requires_grad_(True)
-        c = torch.tensor([c0], dtype=dtype, device=x.device, requires_grad=True)
-        opt = torch.optim.LBFGS([w, c], lr=1.0, max_iter=iters, history_size=20, tolerance_grad=1e-10,
-                                tolerance_change=1e-14, line_search_fn="strong_wolfe")
+    w_init, c_init = (w0 * (4.0 / nn2), -float(w0 @ (mx + my)) * 2.0 / nn2) if nn2 > 0 else (w0, 0.0)
+    if max_iter and best.offer(_lbfgs(x, y, w_init, c_init, max_iter, "squared_hinge"), "L-BFGS squared hinge"):
+        return best.result(True)
+    try:
+        linprog = require("scipy.optimize", "research").linprog
+        sparse = require("scipy.sparse", "research")
+    except ImportError as e:
+        return _uncertified(best, x, y, w_init, c_init, max_iter, str(e))
 
-        def closure(w=w, c=c, opt=opt, loss_name=loss_name):
-            opt.zero_grad()
-            fx, fy = x @ w + c, y @ w + c
-            if loss_name == "logistic":
-                loss = torch.nn.functional.softplus(-fx).mean() + torch.nn.functional.softplus(fy).mean()
-            else:
-                loss = (1 - fx).clamp(min=0).square().mean() + (1 + fy).clamp(min=0).square().mean()
-            loss = loss / 2
-            loss.backward()
-            return loss
+    n, d = x64.shape
+    certified = None  # how non-separability was shown
+    if n > _SUBSET_PER_DIM * d:  # a non-separable subset proves the whole set non-separable, cheaply
+        idx = np.random.default_rng(0).choice(n, _SUBSET_PER_DIM * d, replace=False)
+        sub = _hull_distance_lp(x64[idx], y64[idx], linprog, sparse)
+        if sub is not None and _hulls_meet(x64[idx], y64[idx], sub[1], sub[2], tol):
+            certified = f"the hulls of {idx.size} of the pairs meet (LP)"
+            best.offer(sub[3], "hull LP dual (subset)")
+    if certified is None:
+        full = _hull_distance_lp(x64, y64, linprog, sparse)
+        if full is not None:
+            if best.offer(full[3], "hull LP dual"):
+                return best.result(True)
+            if _hulls_meet(x64, y64, full[1], full[2], tol):
+                certified = "the hulls meet (LP)"
+    if certified is None:  # tiny margins (below HiGHS' tolerances in the hull LP): the scale-free LP
+        status, w = _feasibility_lp(x64, y64, linprog)
+        if status == 0 and best.offer(w, "feasibility LP"):
+            return best.result(True)
+        if status == 2:
+            certified = "the feasibility LP is infeasible (HiGHS)"
+        else:
+            raise RuntimeError(f"linear_separability: the LPs could not decide (HiGHS status {status}); "
+                               "please report this input")
+    _lower_bound_candidates(best, x, y, x64, y64, w_init, c_init, max_iter)
+    return best.result(False, f"not separable: {certified}; accuracy of the best classifier found ({best.how})")
 
-        with torch.enable_grad():
-            opt.step(closure)
-        best = max(best, accuracy(w.detach(), c.detach()))
-    return best
+
+def _lower_bound_candidates(best: _Best, x, y, x64, y64, w_init, c_init, max_iter: int) -> None:
+    """More classifiers for a non-separable set: a logistic fit and each modality's principal axes."""
+    if max_iter // 3:
+        best.offer(_lbfgs(x, y, w_init, c_init, max_iter // 3, "logistic"), "L-BFGS logistic")
+    for name, a in (("image", x64), ("text", y64)):
+        for i, axis in enumerate(_principal_axes(a, _PRINCIPAL_AXES)):
+            best.offer(axis, f"principal axis {i + 1} of the {name} features")
 
 
+def _uncertified(best: _Best, x, y, w_init, c_init, max_iter: int, why: str) -> Separability:
+    x64, y64 = best.x64, best.y64
+    _lower_bound_candidates(best, x, y, x64, y64, w_init, c_init, max_iter)
+    if best.accuracy == 1.0:
+        return best.result(True)
+    warnings.warn(f"linear_separability: no exact LP ({why}); {best.accuracy:.4f} is the best classifier found, "
+                  "a lower bound, and the sets may still be separable", RuntimeWarning, stacklevel=3)
+    return best.result(None, "uncertified: " + best.how)

@@ -11,9 +11,11 @@ Layout written by :func:`make_digits_dataset` (all under ``output_dir``)::
 
     train/0.tar, 1.tar, ...    webdataset shards, keys {idx:06d} with .png and .txt
     train/nshards.txt          number of shards   (clip_benchmark local webdataset layout)
-    train/dataset_type.txt     "webdataset"
     train/sizes.json           samples per shard  (lets open_clip infer --train-num-samples)
     val/...                    same for val
+    dataset_type.txt           "retrieval": clip_benchmark evaluates the folder as a retrieval set,
+                               ``clip_benchmark eval --dataset wds/<name> --dataset_root DIR --split val
+                               --task zeroshot_retrieval`` (and ``open-clip-sigrel eval --data DIR --split val``)
     images/{split}/{idx:06d}.png, train.csv, val.csv   (when csv=True; tab-separated
                                columns filepath, title = open_clip's CSV defaults)
     info.json                  the dict returned by make_digits_dataset
@@ -40,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from open_clip_sigrel.extras import require
+from open_clip_sigrel.io import check_writable_dir
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -47,6 +50,9 @@ if TYPE_CHECKING:
 __all__ = ["DigitsConfig", "make_digits_dataset", "ensure_digits_dataset"]
 
 DIGIT_SIZE = 8  # sklearn digits are 8x8
+MAX_IMAGE_SIZE = 1024  # pixels; PNGs are held in memory until written
+MAX_SAMPLES = 10**6  # n_train + n_val: the images are rendered in memory
+MAX_SEED = 2**63 - 1
 DIGIT_MAX = 16  # sklearn digit intensities are integers 0..16
 # 10**18 < 2**63: digit sequences are drawn as int64 codes.
 MAX_DIGITS_PER_IMAGE = 18
@@ -85,6 +91,14 @@ class DigitsConfig:
         for name, minimum in (("n_train", 1), ("n_val", 0), ("digits_per_image", 1), ("image_size", 1),
                               ("shard_size", 1), ("seed", 0)):
             object.__setattr__(self, name, _check_int(name, getattr(self, name), minimum))
+        if self.image_size > MAX_IMAGE_SIZE:
+            raise ValueError(f"image_size must be <= {MAX_IMAGE_SIZE} pixels, got {self.image_size}")
+        if self.n_train + self.n_val > MAX_SAMPLES:
+            raise ValueError(f"n_train + n_val must be <= {MAX_SAMPLES}, got {self.n_train + self.n_val}")
+        if self.shard_size > MAX_SAMPLES:
+            raise ValueError(f"shard_size must be <= {MAX_SAMPLES}, got {self.shard_size}")
+        if self.seed > MAX_SEED:
+            raise ValueError(f"seed must be <= {MAX_SEED}, got {self.seed}")
         k = self.digits_per_image
         if k > MAX_DIGITS_PER_IMAGE:
             raise ValueError(f"digits_per_image must be <= {MAX_DIGITS_PER_IMAGE}, got {k}")
@@ -186,7 +200,6 @@ def _write_split(tmp_root: Path, final_root: Path, split: str, pngs: list[bytes]
                 _add_member(tar, f"{idx:06d}.png", pngs[idx])
                 _add_member(tar, f"{idx:06d}.txt", captions[idx].encode("utf-8"))
     (split_dir / "nshards.txt").write_text(f"{n_shards}\n")
-    (split_dir / "dataset_type.txt").write_text("webdataset\n")
     (split_dir / "sizes.json").write_text(json.dumps(sizes, indent=1) + "\n")
 
     csv_path = None
@@ -224,7 +237,8 @@ def _info_matches(info: dict | None, output_dir: Path, params: dict, csv: bool) 
         return False
     train_dir = output_dir / "train"
     return (str(info.get("train_data", "")).startswith(str(train_dir) + os.sep)
-            and (train_dir / "0.tar").is_file() and (train_dir / "nshards.txt").is_file())
+            and (train_dir / "0.tar").is_file() and (train_dir / "nshards.txt").is_file()
+            and (output_dir / "dataset_type.txt").is_file())  # older builds lack it: rebuilt
 
 
 def make_digits_dataset(output_dir: str | os.PathLike, config: DigitsConfig | None = None, *,
@@ -252,6 +266,8 @@ def make_digits_dataset(output_dir: str | os.PathLike, config: DigitsConfig | No
         raise FileExistsError(f"output path exists and is not a directory: {output_dir}")
     if _is_nonempty_dir(output_dir) and not overwrite:
         raise FileExistsError(f"output directory is not empty: {output_dir} (pass overwrite=True / --overwrite)")
+    # before rendering: the dataset is built in a sibling folder, then renamed into place
+    check_writable_dir(output_dir.parent, what=f"--output {output_dir}: its folder")
 
     images, labels = _load_digits()
     rng = np.random.default_rng(cfg.seed)
@@ -272,6 +288,7 @@ def make_digits_dataset(output_dir: str | os.PathLike, config: DigitsConfig | No
         info = {"train_data": train_data, "val_data": val_data, "train_csv": train_csv, "val_csv": val_csv,
                 **cfg.info_params()}
         (tmp_root / "info.json").write_text(json.dumps(info, indent=2) + "\n")
+        (tmp_root / "dataset_type.txt").write_text("retrieval\n")
         os.chmod(tmp_root, 0o755)  # mkdtemp makes it 0700
         _publish(tmp_root, output_dir, overwrite)
     except BaseException:

@@ -3,13 +3,17 @@
 Data (``EvalConfig.data``): webdataset shards (brace expansion, several specs joined by ``::``;
 members ``png;jpg;jpeg;webp`` + ``txt``), an open_clip CSV/TSV file read by open_clip_train's own
 ``CsvDataset`` (``csv_img_key``, ``csv_caption_key``, ``csv_separator``; image paths relative to the
-working directory, as open_clip reads them), or a clip_benchmark-style folder
-``root/{split}/{0..n-1}.tar`` with ``nshards.txt``. A multi-line caption counts by its first non-empty
-line (one text per image).
+working directory, as open_clip reads them), or a clip_benchmark local webdataset folder
+``root/{split}/{0..n-1}.tar`` with ``root/{split}/nshards.txt`` (and ``root/dataset_type.txt`` =
+``retrieval``; what ``make-data`` writes). A shard sample's ``.txt`` holds one caption per line, as
+clip_benchmark reads it (``str.splitlines``): several lines are several captions of the image, each a
+text (the geometry metrics' multi-caption convention); a sample with no caption or a blank caption line
+is an error naming it. A CSV row is one caption (its first non-empty line), as open_clip trains on it.
 
 Embeddings (``embeddings``): ``.npz`` (loaded with allow_pickle=False) or ``.pt`` (weights_only=True)
 holding ``image`` and ``text`` (N, d) arrays and optionally the scalars ``logit_scale`` (t, already
-exponentiated) and ``logit_bias``.
+exponentiated) and ``logit_bias``; several captions per image: ``text`` (M, d) with ``text_image`` (M,),
+the image index of each caption.
 
 Every file is checked before the work starts (the checkpoint's and embeddings' pickled objects, each
 local shard's tar structure, the CSV's columns and image files); a failure raises :class:`EvalError`
@@ -35,10 +39,10 @@ from open_clip_sigrel.extras import require
 if TYPE_CHECKING:  # the settings' type only: evaluate.py imports this module
     from open_clip_sigrel.tools.evaluate import EvalConfig
 
-__all__ = ["EvalError", "load_embeddings", "resolve_data", "check_shards", "build_loader"]
+__all__ = ["EvalError", "load_embeddings", "resolve_data", "check_shards", "build_loader", "dataset_name"]
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
-EMBEDDING_KEYS = ("image", "text", "logit_scale", "logit_bias")
+EMBEDDING_KEYS = ("image", "text", "logit_scale", "logit_bias", "text_image")
 
 
 class EvalError(ValueError):
@@ -220,9 +224,34 @@ def check_shards(shards: list[str]) -> None:
             raise EvalError(f"corrupt or unreadable shard {s}: {type(e).__name__}: {_first_msg(e)}") from e
 
 
+def dataset_name(kind: str, source: Any, spec: str) -> str:
+    """The dataset's name in the result, clip_benchmark's way: ``wds/<name>`` for shards (the
+    clip_benchmark folder's name, or the folder holding the shards), ``csv/<stem>`` for a CSV."""
+    if kind == "csv":
+        return f"csv/{Path(source).stem}"
+    p = Path(spec)
+    if p.is_dir():
+        return f"wds/{p.absolute().name}"
+    folder = Path(str(source[0])).absolute().parent if source else p.parent
+    if (folder / "nshards.txt").is_file() and (folder.parent / "dataset_type.txt").is_file():
+        folder = folder.parent  # root/split/0.tar of a clip_benchmark folder
+    return f"wds/{folder.name}"
+
+
+def _captions(text: str) -> list[str] | str:
+    """The captions of a .txt member (clip_benchmark's ``str.splitlines``), or what is wrong with them."""
+    lines = text.splitlines()
+    if not lines:
+        return "has no caption (empty .txt)"
+    blank = [i for i, line in enumerate(lines) if not line.strip()]
+    if blank:
+        return f"has a blank caption (line {blank[0] + 1} of its .txt)"
+    return lines
+
+
 def _wds_sample(sample: dict, preprocess, tokenizer) -> tuple[Any, Any, str | None]:
-    """(image tensor, tokens, None), or (None, None, message) for a bad sample: the message crosses
-    DataLoader workers as data (an exception would come back wrapped in a worker traceback)."""
+    """(image tensor, tokens of its captions, None), or (None, None, message) for a bad sample: the
+    message crosses DataLoader workers as data (an exception would come back wrapped in a worker traceback)."""
     key, url = sample.get("__key__"), sample.get("__url__")
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if ext is None:
@@ -241,22 +270,33 @@ def _wds_sample(sample: dict, preprocess, tokenizer) -> tuple[Any, Any, str | No
         caption = sample["txt"].decode("utf-8")
     except UnicodeDecodeError as e:
         return None, None, f"corrupt sample '{key}' in {url}: its .txt is not UTF-8 ({e.reason} at byte {e.start})"
-    return preprocess(image), tokenizer([_first_line(caption)])[0], None
+    captions = _captions(caption)
+    if isinstance(captions, str):
+        return None, None, f"sample '{key}' in {url} {captions}"
+    return preprocess(image), tokenizer(captions), None
+
+
+def _stack(images):
+    """Images as one batch: tensors stacked (a processor's dict of tensors stacked per key)."""
+    if isinstance(images[0], dict):
+        return {k: torch.stack([im[k] for im in images]) for k in images[0]}
+    return torch.stack(images)
 
 
 def _wds_collate(batch):
+    """(images, tokens of every caption, captions per image, errors)."""
     errors = [err for *_, err in batch if err]
     if errors:
-        return None, None, errors
+        return None, None, None, errors
     images, tokens, _ = zip(*batch)
-    return torch.stack(images), torch.stack(tokens), []
+    return _stack(images), torch.cat(tokens), [len(t) for t in tokens], []
 
 
 def _csv_collate(batch):
     # open_clip_train's CsvDataset yields (image, tokens) in 2.x-3.x and {"image", "text"} in 4.x
     pairs = [(s["image"], s["text"]) if isinstance(s, dict) else s for s in batch]
     images, tokens = zip(*pairs)
-    return torch.stack(images), torch.stack(tokens), []
+    return _stack(images), torch.stack(tokens), [1] * len(tokens), []
 
 
 class _FirstLineTokenizer:
@@ -288,7 +328,7 @@ def _check_csv(path: Path, img_key: str, cap_key: str, sep: str) -> int:
 
 
 def build_loader(kind: str, source: Any, preprocess, tokenizer, config: EvalConfig):
-    """A DataLoader of (images, tokens, errors) batches over what :func:`resolve_data` found.
+    """A DataLoader of (images, tokens, captions per image, errors) batches over what :func:`resolve_data` found.
 
     CSV: open_clip_train.data.CsvDataset. Shards: a plain, unshuffled webdataset pipeline (open_clip's
     get_wds_dataset resamples or drops samples and skips unreadable shards with a warning, which an

@@ -25,7 +25,7 @@ FigureCanvasAgg = require("matplotlib.backends.backend_agg", "plots").FigureCanv
 Figure = require("matplotlib.figure", "plots").Figure
 MaxNLocator = require("matplotlib.ticker", "plots").MaxNLocator
 
-__all__ = ["plot_similarity_histograms", "plot_modality_projection", "plot_training_curves"]
+__all__ = ["plot_similarity_histograms", "plot_modality_projection", "plot_training_curves", "plot_panels"]
 
 IMAGE_COLOR, TEXT_COLOR = "#1f77b4", "#d62728"
 
@@ -194,3 +194,23 @@ def plot_training_curves(results_jsonl: str | os.PathLike, path: str | os.PathLi
     fig.suptitle(title or f"Training curves ({Path(results_jsonl).name})")
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_panels(panels: list[Mapping[str, Any]], path: str | os.PathLike, *, title: str = "") -> None:
+    """Line panels side by side (synth report): each {"title", "xlabel", "ylabel", "series": {label: (xs, ys)}}.
+
+    Writes PNG to ``path`` as given (any name: the report renders to a temporary file first)."""
+    fig = Figure(figsize=(5.2 * len(panels), 4.0))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, panel in zip(axes, panels):
+        for label, (xs, ys) in panel["series"].items():
+            ax.plot(xs, ys, "o-", lw=1.2, ms=3, label=label)
+        ax.axhline(0.0, color="k", lw=0.6)
+        ax.set(title=panel["title"], xlabel=panel["xlabel"], ylabel=panel["ylabel"])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    FigureCanvasAgg(fig)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=90)

@@ -42,17 +42,50 @@ from open_clip_sigrel.extras import require
 from open_clip_sigrel.loss import (
     GRAPHS,
     NORMALIZATIONS,
-    batched_sigrel_loss,
     graph_edges,
     multimodal_sigrel_loss,
     normalizer,
     sigrel_loss,
 )
+from open_clip_sigrel.loss.kernel import LOSS_FORMS, batched_pair_loss
 from open_clip_sigrel.metrics.functional import centred_gap_sum, margin_and_rel_bias
 
 BACKENDS = ("batched", "loop")
 DEFAULT_B0 = (-10.0, -5.0, 0.0, 5.0, 10.0)
 DEFAULT_REL_BIASES = (-1.0, -0.8, -0.6, -0.4, -0.2, 0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 1.0)
+#: variants of the frozen / modalities experiments: b_rel trained, logit_bias trained, t fixed (--fixed-t)
+VARIANTS = ("relative", "absolute", "fixed t")
+
+# Ranges of the numeric knobs, checked before any work. The runs are float32: t (exp of a float32 log t),
+# the biases and the learning rate must be finite, non-zero where a ratio or a log needs it, and keep
+# t * (s - b_rel) far from float32 overflow (|logit| <= 1e6 * 11). Sizes are bounded by what a dense
+# (runs, N, N) block on one machine can hold.
+_T_RANGE = (1e-6, 1e6)
+_BIAS_LIMIT = 10.0  # |b_rel| (cosine units; a constellation needs |b_rel| <= 1)
+_B0_LIMIT = 1e6  # |b0| (logit units)
+_INT_RANGES = {"n": (2, 20_000), "dim": (1, 100_000), "steps": (0, 10**8), "seed": (0, 2**62),
+               "repeats": (1, 10_000), "record_every": (1, 10**8), "threads": (0, 4096)}
+_TUPLE_INT_RANGES = {"ks": (2, 100), "dims": (1, 100_000)}
+
+
+def _check_float(name: str, value: Any, lo: float, hi: float, *, positive: bool = False) -> None:
+    """A finite float in [lo, hi] (positive: also > 0 once rounded to float32, i.e. not underflowing)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if not lo <= v <= hi:
+        raise ValueError(f"{name} must be in [{lo:g}, {hi:g}], got {value!r}")
+    if positive and not float(torch.tensor(v, dtype=torch.float32)) > 0:
+        raise ValueError(f"{name} must be > 0 in float32, got {value!r}")
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,27 +134,61 @@ class SynthConfig:
     ks: tuple[int, ...] = _knob((2, 3, 5, 10, 20), "modalities: numbers of modalities", group="experiment knobs")
     graphs: tuple[str, ...] = _knob(GRAPHS, "modalities: pair graphs", group="experiment knobs", choices=GRAPHS)
     dims: tuple[int, ...] = _knob((5, 10, 20, 50), "xi: dimensions", group="experiment knobs")
+    variants: tuple[str, ...] = _knob(VARIANTS, "frozen / modalities: which variants to run", group="experiment knobs",
+                                      choices=VARIANTS)
+    loss_form: str = _knob("exact", "exact: -log sigmoid (softplus); authors: the authors' clipped terms "
+                           "-log(sigmoid(z) + 1e-8), -log(1 - sigmoid(z) + 1e-8), for reproduction only",
+                           choices=LOSS_FORMS)
+    in_loss_normalize: bool = _knob(True, "re-normalise the embeddings inside the loss (F.normalize, the authors' "
+                                    "code: a tangent gradient); --no-in-loss-normalize feeds the unit vectors as is")
 
     def __post_init__(self) -> None:
         for f in fields(self):
             if isinstance(getattr(self, f.name), list):
                 object.__setattr__(self, f.name, tuple(getattr(self, f.name)))  # frozen, hashable, comparable
-        for name, ok, need in (
-            ("n", self.n >= 2, ">= 2"), ("dim", self.dim >= 1, ">= 1"), ("steps", self.steps >= 0, ">= 0"),
-            ("lr", self.lr > 0, "> 0"), ("record_every", self.record_every >= 1, ">= 1"),
-            ("repeats", self.repeats >= 1, ">= 1"), ("threads", self.threads >= 0, ">= 0"),
-        ):
-            if not ok:
-                raise ValueError(f"{name} must be {need}, got {getattr(self, name)!r}")
+        self._check_numbers()
         normalizer(self.normalize, 1, 1)  # raises on an unknown normalisation
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.loss_form not in LOSS_FORMS:
+            raise ValueError(f"loss_form must be one of {', '.join(LOSS_FORMS)}, got {self.loss_form!r}")
+        if self.backend == "loop" and self.loss_form != "exact":
+            raise ValueError("backend 'loop' is the exact loss's reference (sigrel_loss); use backend 'batched' "
+                             f"with loss_form {self.loss_form!r}")
+        if set(self.variants) - set(VARIANTS) or not self.variants:
+            raise ValueError(f"variants must be among {', '.join(VARIANTS)}, got {self.variants}")
         for graph in self.graphs:
             graph_edges(2, graph)
         for k in self.ks:
             graph_edges(k, GRAPHS[0])
-        if any(d < 1 for d in self.dims):
-            raise ValueError(f"dims must be >= 1, got {self.dims}")
+
+    def _check_numbers(self) -> None:
+        """Every numeric knob finite, in range and representable in the float32 runs (before any work)."""
+        for name, (lo, hi) in _INT_RANGES.items():
+            _check_int(name, getattr(self, name), lo, hi)
+        for name, (lo, hi) in _TUPLE_INT_RANGES.items():
+            for v in self._values(name):
+                _check_int(name, v, lo, hi)
+        _check_float("lr", self.lr, 0.0, 10.0, positive=True)
+        for name in ("t0", "fixed_t", "t_values", "t0s"):
+            for v in self._values(name):
+                _check_float(name, v, *_T_RANGE, positive=True)
+        for name in ("rel_biases", "b_rel0", "b_rel0s"):
+            for v in self._values(name):
+                _check_float(name, v, -_BIAS_LIMIT, _BIAS_LIMIT)
+        for v in self._values("b0"):
+            _check_float("b0", v, -_B0_LIMIT, _B0_LIMIT)
+
+    def _values(self, name: str) -> tuple:
+        """A knob's values as a tuple (scalar: one; None: none); an empty sequence is an error."""
+        v = getattr(self, name)
+        if v is None:
+            return ()
+        if isinstance(v, tuple):
+            if not v:
+                raise ValueError(f"{name} needs at least one value")
+            return v
+        return (v,)
 
     @property
     def seeds(self) -> list[int]:
@@ -189,12 +256,20 @@ def _geometry(feats: torch.Tensor, edges: list[tuple[int, int]]) -> dict[str, to
 
 @torch.no_grad()
 def _reference_losses(
-    feats: torch.Tensor, t: torch.Tensor, b: torch.Tensor, k: int, graph: str, normalize: str
+    feats: torch.Tensor, t: torch.Tensor, b: torch.Tensor, k: int, graph: str, normalize: str,
+    loss_form: str = "exact",
 ) -> list[float]:
-    """Per-run loss values from the project's own loss functions (one call per run, in float64)."""
+    """Per-run loss values from the project's own loss functions (one call per run, in float64);
+    the authors' clipped form from the kernel's batched_pair_loss (float64, averaged over the edges)."""
     out = []
     # float64: a loss of ~1e-6 summed from N^2 float32 terms keeps few correct digits
     feats, t, b = feats.double(), t.double(), b.double()
+    if loss_form != "exact":
+        edges = graph_edges(k, graph)
+        n = feats.shape[-2]
+        per_edge = [batched_pair_loss(feats[:, a], feats[:, c], t, b, normalizer(normalize, n, n), form=loss_form)
+                    for a, c in edges]
+        return (sum(per_edge) / len(edges)).tolist()
     for r in range(feats.shape[0]):
         if k == 2:
             v = sigrel_loss(feats[r, 0], feats[r, 1], t[r], b[r], normalize=normalize)
@@ -225,6 +300,8 @@ def train_runs(
     backend: str = SynthConfig.backend,
     keep_similarities: bool = True,
     keep_features: bool = False,
+    loss_form: str = SynthConfig.loss_form,
+    in_loss_normalize: bool = SynthConfig.in_loss_normalize,
 ) -> list[dict[str, Any]]:
     """Train the runs in ``specs`` together (one stacked tensor program) and return one result each.
 
@@ -234,9 +311,17 @@ def train_runs(
     ``multimodal_sigrel_loss`` once per run (the reference, slower); "batched" uses
     ``loss.batched_sigrel_loss`` (checked equal in the tests). Reported losses always come from the
     project's functions, evaluated in float64 at the record steps. The defaults are SynthConfig's.
+
+    loss_form: "exact" or the authors' clipped terms ("authors", loss.kernel.clipped_pair_terms_).
+    in_loss_normalize: the loss sees F.normalize(embeddings) (the authors' code): the same value on the
+    unit vectors, but autograd projects the gradient onto the tangent space (no radial component).
     """
     # the same checks (and messages) as a SynthConfig built from these values
-    SynthConfig(n=n, dim=dim, steps=steps, lr=lr, normalize=normalize, record_every=record_every, backend=backend)
+    SynthConfig(n=n, dim=dim, steps=steps, lr=lr, normalize=normalize, record_every=record_every, backend=backend,
+                loss_form=loss_form, in_loss_normalize=in_loss_normalize)
+    for spec in specs:
+        _check_float(f"t0 of run {spec.name!r}", spec.t0, *_T_RANGE, positive=True)
+        _check_float(f"b_rel0 of run {spec.name!r}", spec.b_rel0, -_B0_LIMIT, _B0_LIMIT)
     edges = graph_edges(k, graph)
     if not specs:
         return []
@@ -261,23 +346,26 @@ def train_runs(
         t = log_t.exp()
         return t, torch.where(is_abs, rel_bias_from_logit_bias(bias, t), bias)
 
+    norm = float(normalizer(normalize, n, n))
+
     def step_loss() -> torch.Tensor:
         t, b = scalars()
+        f = F.normalize(feats, dim=-1) if in_loss_normalize else feats  # the authors' forward
         if backend == "loop":
             return sum(
-                sigrel_loss(feats[r, 0], feats[r, 1], t[r], b[r], normalize=normalize)
+                sigrel_loss(f[r, 0], f[r, 1], t[r], b[r], normalize=normalize)
                 if k == 2
-                else multimodal_sigrel_loss(list(feats[r].unbind(0)), t[r], b[r], graph=graph, normalize=normalize)
+                else multimodal_sigrel_loss(list(f[r].unbind(0)), t[r], b[r], graph=graph, normalize=normalize)
                 for r in range(r_count)
             )
         if k == 2:
-            losses = batched_sigrel_loss(feats[:, 0], feats[:, 1], t, b, normalize=normalize, compute_value=False)
+            losses = batched_pair_loss(f[:, 0], f[:, 1], t, b, norm, compute_value=False, form=loss_form)
         else:
-            x = feats[:, ia].reshape(r_count * n_edges, n, dim)
-            y = feats[:, ic].reshape(r_count * n_edges, n, dim)
-            losses = batched_sigrel_loss(
-                x, y, t.repeat_interleave(n_edges), b.repeat_interleave(n_edges),
-                normalize=normalize, compute_value=False,
+            x = f[:, ia].reshape(r_count * n_edges, n, dim)
+            y = f[:, ic].reshape(r_count * n_edges, n, dim)
+            losses = batched_pair_loss(
+                x, y, t.repeat_interleave(n_edges), b.repeat_interleave(n_edges), norm,
+                compute_value=False, form=loss_form,
             ).view(r_count, n_edges).mean(1)
         return losses.sum()
 
@@ -288,7 +376,7 @@ def train_runs(
         with torch.no_grad():
             t, b = scalars()
             geo = _geometry(feats.detach(), edges)
-            losses = _reference_losses(feats.detach(), t, b, k, graph, normalize)
+            losses = _reference_losses(feats.detach(), t, b, k, graph, normalize, loss_form)
         last.update(geo)
         curves["step"].append(step)
         curves["loss"].append(losses)
@@ -332,6 +420,7 @@ def train_runs(
         final["logit_bias"] = logit_bias_from_rel_bias(final["b_rel"], final["t"])
         final["steps"] = steps
         final["min_pos"], final["max_neg"] = min_pos[r], max_neg[r]
+        final["gap"] = min_pos[r] - max_neg[r]  # the un-halved gap 2 m* of the paper's Tables 1-3
         res: dict[str, Any] = {"spec": asdict(spec), "final": final, "curves": per_run}
         if keep_similarities:
             res["pos"] = sims[r].diagonal(dim1=-2, dim2=-1).reshape(-1).clone()
@@ -364,6 +453,7 @@ class Experiment:
     description: str
     build: Callable[[SynthConfig], list[Batch]]
     defaults: Mapping[str, Any]
+    knobs: tuple[str, ...] | None = None  # the "experiment knobs" it reads (its --help shows these); None: all
 
 
 _REGISTRY: dict[str, Experiment] = {}
@@ -371,19 +461,21 @@ _REGISTRY: dict[str, Experiment] = {}
 EXPERIMENTS: Mapping[str, Experiment] = MappingProxyType(_REGISTRY)
 
 
-def register_experiment(name: str, description: str, **defaults: Any) -> Callable:
+def register_experiment(name: str, description: str, *, knobs: Sequence[str] | None = None, **defaults: Any) -> Callable:
     """Decorator: register ``build(config: SynthConfig) -> list[Batch]`` as experiment ``name``.
 
     ``defaults``: SynthConfig knobs this experiment sets when the caller leaves them at None.
+    ``knobs``: the experiment knobs it reads (its own --help lists only these); None: every knob.
     """
     known = {f.name for f in fields(SynthConfig)}
-    if set(defaults) - known:
-        raise TypeError(f"unknown SynthConfig fields in defaults: {sorted(set(defaults) - known)}")
+    if set(defaults) - known or set(knobs or ()) - known:
+        raise TypeError(f"unknown SynthConfig fields in defaults: {sorted((set(defaults) | set(knobs or ())) - known)}")
 
     def decorator(build: Callable[[SynthConfig], list[Batch]]) -> Callable[[SynthConfig], list[Batch]]:
         if name in _REGISTRY:
             raise ValueError(f"experiment {name!r} is already registered")
-        _REGISTRY[name] = Experiment(name, description, build, MappingProxyType(dict(defaults)))
+        _REGISTRY[name] = Experiment(name, description, build, MappingProxyType(dict(defaults)),
+                                     None if knobs is None else tuple(knobs))
         return build
 
     return decorator
@@ -402,7 +494,8 @@ def _sfx(cfg: SynthConfig, seed: int) -> str:
     return f" s{seed}" if cfg.repeats > 1 else ""
 
 
-@register_experiment("bias-vs-rel", "absolute logit_bias vs relative b_rel, trained from the same logits (--b0)")
+@register_experiment("bias-vs-rel", "absolute logit_bias vs relative b_rel, trained from the same logits (--b0)",
+                     knobs=("b0",))
 def _bias_vs_rel(cfg: SynthConfig) -> list[Batch]:
     # same starting logits: logit_bias0 = -b0 (abs), b_rel0 = b0 / t0 (rel)
     specs = [RunSpec(f"{kind} b0={b0:g}{_sfx(cfg, seed)}", kind=kind, t0=cfg.t0, b_rel0=b0 / cfg.t0, seed=seed,
@@ -412,7 +505,7 @@ def _bias_vs_rel(cfg: SynthConfig) -> list[Batch]:
 
 
 @register_experiment("fixed-rel-bias", "b_rel frozen at each of --rel-biases; t and the embeddings trained",
-                     rel_biases=DEFAULT_REL_BIASES)
+                     knobs=("rel_biases",), rel_biases=DEFAULT_REL_BIASES)
 def _fixed_rel_bias(cfg: SynthConfig) -> list[Batch]:
     specs = [RunSpec(f"b_rel={b:g} fixed{_sfx(cfg, seed)}", t0=cfg.t0, b_rel0=b, train_b=False, seed=seed,
                      group="fixed b_rel")
@@ -421,7 +514,8 @@ def _fixed_rel_bias(cfg: SynthConfig) -> list[Batch]:
 
 
 @register_experiment("fixed-t", "t frozen (each of --t-values) or trained, crossed with b_rel frozen "
-                     "(each of --rel-biases) or trained", rel_biases=(0.0, 0.5))
+                     "(each of --rel-biases) or trained", knobs=("t_values", "rel_biases", "b_rel0"),
+                     rel_biases=(0.0, 0.5))
 def _fixed_t(cfg: SynthConfig) -> list[Batch]:
     t_modes = [(f"t={tv:g} fixed", tv, False) for tv in cfg.t_values] + [(f"t0={cfg.t0:g} trained", cfg.t0, True)]
     b_modes = [(f"b_rel={b:g} fixed", b, False) for b in cfg.rel_biases]
@@ -432,47 +526,60 @@ def _fixed_t(cfg: SynthConfig) -> list[Batch]:
     return [Batch(specs, cfg.dim)]
 
 
-@register_experiment("init-grid", "t and b_rel trained from a grid of starts (--t0s x --b-rel0s)")
+@register_experiment("init-grid", "t and b_rel trained from a grid of starts (--t0s x --b-rel0s)",
+                     knobs=("t0s", "b_rel0s"))
 def _init_grid(cfg: SynthConfig) -> list[Batch]:
     specs = [RunSpec(f"t0={tv:g} b_rel0={bv:g}{_sfx(cfg, seed)}", t0=tv, b_rel0=bv, seed=seed, group=f"t0={tv:g}")
              for seed in cfg.seeds for tv in cfg.t0s for bv in cfg.b_rel0s]
     return [Batch(specs, cfg.dim)]
 
 
-@register_experiment("frozen", "modality 0 frozen: relative b_rel, absolute logit_bias and fixed t (--fixed-t), "
-                     "each from every --b0")
+@register_experiment("frozen", "modality 0 frozen: relative b_rel, absolute logit_bias and fixed t (t = --fixed-t, "
+                     "b_rel frozen too), each from every --b0", knobs=("b0", "fixed_t", "variants"))
 def _frozen(cfg: SynthConfig) -> list[Batch]:
     specs = []
     for seed in cfg.seeds:
         for b0 in cfg.b0:
-            common = dict(b_rel0=b0 / cfg.t0, train_u=False, seed=seed)
             sfx = _sfx(cfg, seed)
-            specs.append(RunSpec(f"rel b0={b0:g}{sfx}", kind="rel", t0=cfg.t0, group="relative", info={"b0": b0},
-                                 **common))
-            specs.append(RunSpec(f"abs b0={b0:g}{sfx}", kind="abs", t0=cfg.t0, group="absolute", info={"b0": b0},
-                                 **common))
-            specs.append(RunSpec(f"t={cfg.fixed_t:g} fixed b0={b0:g}{sfx}", kind="rel", t0=cfg.fixed_t, train_t=False,
-                                 group="fixed t", info={"b0": b0}, **common))
+            # same starting logits t * s - b0 in every variant: b_rel0 = b0 / (the run's t0)
+            runs = {"relative": RunSpec(f"rel b0={b0:g}{sfx}", kind="rel", t0=cfg.t0, b_rel0=b0 / cfg.t0),
+                    "absolute": RunSpec(f"abs b0={b0:g}{sfx}", kind="abs", t0=cfg.t0, b_rel0=b0 / cfg.t0),
+                    "fixed t": RunSpec(f"t={cfg.fixed_t:g} fixed b0={b0:g}{sfx}", t0=cfg.fixed_t,
+                                       b_rel0=b0 / cfg.fixed_t, train_t=False, train_b=False)}
+            for variant in cfg.variants:
+                spec = runs[variant]
+                spec.train_u, spec.seed, spec.group, spec.info = False, seed, variant, {"b0": b0, "variant": variant}
+                specs.append(spec)
     return [Batch(specs, cfg.dim)]
 
 
-@register_experiment("modalities", "k modalities sharing one (t, b_rel), paired by a graph (--ks x --graphs)")
+@register_experiment("modalities", "k modalities sharing one (t, b_rel), paired by a graph (--ks x --graphs); "
+                     "variants: relative b_rel, absolute logit_bias, fixed t (--fixed-t, b_rel trained)",
+                     knobs=("ks", "graphs", "b_rel0", "fixed_t", "variants"))
 def _modalities(cfg: SynthConfig) -> list[Batch]:
     batches = []
     for k in cfg.ks:
         for graph in cfg.graphs:
             if k == 2 and graph != cfg.graphs[0]:
                 continue  # k = 2: every graph is the single edge
-            specs = [RunSpec(f"k={k} {graph}{_sfx(cfg, seed)}", t0=cfg.t0, b_rel0=cfg.b_rel0, seed=seed, group=graph,
-                             info={"k": k, "graph": graph}) for seed in cfg.seeds]
+            specs = []
+            for seed in cfg.seeds:
+                for variant in cfg.variants:
+                    kind, t0, train_t = {"relative": ("rel", cfg.t0, True), "absolute": ("abs", cfg.t0, True),
+                                         "fixed t": ("rel", cfg.fixed_t, False)}[variant]
+                    tag = "" if variant == "relative" else f" {variant}"
+                    specs.append(RunSpec(f"k={k} {graph}{tag}{_sfx(cfg, seed)}", kind=kind, t0=t0, b_rel0=cfg.b_rel0,
+                                         train_t=train_t, seed=seed, group=graph,
+                                         info={"k": k, "graph": graph, "variant": variant}))
             batches.append(Batch(specs, cfg.dim, k=int(k), graph=graph))
     return batches
 
 
-@register_experiment("xi", "the centred gap xi of trained runs against the dimension (--dims)")
+@register_experiment("xi", "the centred gap xi of trained runs against the dimension (--dims); b_rel fixed at "
+                     "--b-rel0 (0: the paper's)", knobs=("dims", "b_rel0"))
 def _xi(cfg: SynthConfig) -> list[Batch]:
-    return [Batch([RunSpec(f"d={d}{_sfx(cfg, seed)}", t0=cfg.t0, b_rel0=cfg.b_rel0, seed=seed, group=f"d={d}",
-                           info={"dim": int(d)}) for seed in cfg.seeds], int(d))
+    return [Batch([RunSpec(f"d={d}{_sfx(cfg, seed)}", t0=cfg.t0, b_rel0=cfg.b_rel0, train_b=False, seed=seed,
+                           group=f"d={d}", info={"dim": int(d)}) for seed in cfg.seeds], int(d))
             for d in cfg.dims]
 
 
@@ -511,6 +618,50 @@ def _jsonable_config(cfg: SynthConfig) -> dict[str, Any]:
     return {key: list(v) if isinstance(v, tuple) else v for key, v in asdict(cfg).items()}
 
 
+def check_output_dir(output: str | os.PathLike) -> str:
+    """``output`` as a str, ValueError unless it is (or can be created as) a writable directory.
+
+    Creates nothing: the nearest existing ancestor must be a writable directory."""
+    path = os.path.abspath(os.fspath(output))
+    probe = path
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise ValueError(f"output {os.fspath(output)!r}: {probe!r} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"output {os.fspath(output)!r}: {probe!r} is not writable")
+    return os.fspath(output)
+
+
+def write_files(output: str, writers: Mapping[str, Callable[[str], None]]) -> None:
+    """Each ``writers[name](tmp_path)`` writes a temporary file; only when all succeeded are they renamed
+    to output/name (so a failing plot or a full disk leaves no half set). Temporaries are removed on failure."""
+    os.makedirs(output, exist_ok=True)
+    done: list[tuple[str, str]] = []
+    try:
+        for name, write in writers.items():
+            tmp = os.path.join(output, f".{name}.part")
+            done.append((tmp, os.path.join(output, name)))
+            write(tmp)
+    except BaseException:
+        for tmp, _ in done:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        raise
+    for tmp, final in done:
+        os.replace(tmp, final)
+
+
+def _json_writer(doc: Any, **kwargs: Any) -> Callable[[str], None]:
+    def write(path: str) -> None:
+        with open(path, "w") as fh:
+            json.dump(doc, fh, **kwargs)
+    return write
+
+
 def run_experiment(
     experiment: str, output: str | os.PathLike | None = None, plots: bool = True, config: SynthConfig | None = None,
     **options: Any,
@@ -523,6 +674,8 @@ def run_experiment(
     checked before training). torch's thread count is set to ``threads`` for the run and restored.
     """
     cfg = resolve_config(experiment, config, **options)
+    if output:
+        output = check_output_dir(output)  # before minutes of training, not after
     if output and plots:
         require("matplotlib", "plots")  # fail before minutes of training, not after
     batches = get_experiment(experiment).build(cfg)
@@ -535,6 +688,8 @@ def run_experiment(
             res = train_runs(
                 batch.specs, n=cfg.n, dim=batch.dim, steps=cfg.steps, lr=cfg.lr, normalize=cfg.normalize,
                 record_every=cfg.record_every, k=batch.k, graph=batch.graph, backend=cfg.backend,
+                keep_similarities=bool(output and plots), loss_form=cfg.loss_form,
+                in_loss_normalize=cfg.in_loss_normalize,
             )
             wall = time.perf_counter() - t_b
             for item in res:
@@ -547,23 +702,23 @@ def run_experiment(
         "experiment": experiment,
         "config": {**_jsonable_config(cfg), "torch": torch.__version__, "protocol": (
             "U, V (and further modalities) are the parameters: Gaussian rows normalised to the sphere; Adam on "
-            "log t, the bias and the embeddings; all N^2 pairs per step; re-projection after every step")},
+            "log t, the bias and the embeddings; all N^2 pairs per step; re-projection after every step"),
+            "columns": {"margin": "halved margin m* = (min pos - max neg) / 2",
+                        "gap": "un-halved gap min pos - max neg = 2 m* (the paper's Tables 1-3)"}},
         "seeds": sorted({item["spec"]["seed"] for item in results}),
         "wall_time_s": round(wall_total, 3),
         "batches": batch_info,
         "runs": [_run_summary(item) for item in results],
     }
     if output:
-        output = os.fspath(output)
-        os.makedirs(output, exist_ok=True)
-        with open(os.path.join(output, "summary.json"), "w") as fh:
-            json.dump(summary, fh, indent=2)
-        with open(os.path.join(output, "curves.json"), "w") as fh:
-            json.dump({"experiment": experiment, "runs": [
-                {"name": item["spec"]["name"], **item["curves"]} for item in results]}, fh)
+        writers: dict[str, Callable[[str], None]] = {}
         if plots:
-            plot_curves(results, os.path.join(output, "curves.png"), title=experiment)
-            plot_histograms(results, os.path.join(output, "histograms.png"), title=experiment)
+            writers["curves.png"] = lambda path: plot_curves(results, path, title=experiment)
+            writers["histograms.png"] = lambda path: plot_histograms(results, path, title=experiment)
+        writers["curves.json"] = _json_writer({"experiment": experiment, "runs": [
+            {"name": item["spec"]["name"], **item["curves"]} for item in results]})
+        writers["summary.json"] = _json_writer(summary, indent=2)
+        write_files(output, writers)
     return summary
 
 
@@ -628,7 +783,7 @@ def plot_curves(results: list[dict[str, Any]], path: str, title: str = "") -> No
     fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=7, frameon=False)
     fig.suptitle(f"{title}: solid = b_rel trained as such, dashed = absolute logit_bias trained, dotted = t fixed")
     fig.tight_layout(rect=(0, 0.06 + 0.025 * math.ceil(len(labels) / 6), 1, 0.95))
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
 
 
 def plot_histograms(results: list[dict[str, Any]], path: str, title: str = "") -> None:
@@ -657,4 +812,4 @@ def plot_histograms(results: list[dict[str, Any]], path: str, title: str = "") -
     axes.flat[0].legend(fontsize=6)
     fig.suptitle(f"{title}: final similarities (dotted: min positive / max negative)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")

@@ -49,12 +49,13 @@ def test_layout_and_info(small: dict) -> None:
     for split, n_samples, n_shards in (("train", 40, 3), ("val", 24, 2)):
         d = root / split
         assert (d / "nshards.txt").read_text().strip() == str(n_shards)
-        assert (d / "dataset_type.txt").read_text().strip() == "webdataset"
+        assert not (d / "dataset_type.txt").exists()  # clip_benchmark reads it at the root only
         assert sorted(p.name for p in d.glob("*.tar")) == [f"{i}.tar" for i in range(n_shards)]
         assert sum(json.loads((d / "sizes.json").read_text()).values()) == n_samples
         samples = read_split(d)
         assert [k for k, _, _ in samples] == [f"{i:06d}" for i in range(n_samples)]
     assert json.loads((root / "info.json").read_text()) == small
+    assert (root / "dataset_type.txt").read_text().strip() == "retrieval"  # clip_benchmark's retrieval set
     assert small["train_num_samples"] == 40 and small["val_num_samples"] == 24
     assert (small["digits_per_image"], small["image_size"], small["seed"]) == (4, 32, 3)
     assert not [p for p in root.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left behind

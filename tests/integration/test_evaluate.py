@@ -103,10 +103,12 @@ def test_model_on_shards(env, tmp_path, capsys):
     cap = capsys.readouterr()
     assert rc == 0, cap.err
     res = json.loads(out.read_text())
-    assert set(res) == {"model", "pretrained", "dataset", "task", "metrics"}
+    assert set(res) == {"model", "pretrained", "dataset", "language", "task", "metrics", "dataset_path"}
     assert res["task"] == "geometry" and res["model"] == "geomtest-tiny" and res["pretrained"] == str(env["ckpt"])
+    assert res["dataset"] == "wds/shards" and res["dataset_path"] == f"{env['shards']}/{{0..2}}.tar"
+    assert res["language"] == "en"
     m = res["metrics"]
-    assert m["n_pairs"] == 12
+    assert m["n_pairs"] == 24 and m["n_images"] == 12  # two captions per image (two .txt lines)
     assert m["logit_scale"] == pytest.approx(1 / 0.07, rel=1e-5)  # open_clip's CLIP init, t = 1/0.07
     assert m["logit_bias"] == 0.0 and "sigmoid_loss" in m
     for k in ("margin_worst", "rel_bias_trimmed", "linear_separability", "rmg", "image_to_text_R@1"):
@@ -121,7 +123,8 @@ def test_model_on_shards(env, tmp_path, capsys):
     rc = main(_model_args(env, "--data", f"{env['shards']}/{{0..2}}.tar", "--max-samples", "7",
                           "--batch-size", "3", "--output", str(out2)))
     assert rc == 0
-    assert json.loads(out2.read_text())["metrics"]["n_pairs"] == 7
+    m2 = json.loads(out2.read_text())["metrics"]
+    assert m2["n_images"] == 7 and m2["n_pairs"] == 14
 
 
 def test_model_on_csv_and_benchmark_folder(env, tmp_path, capsys, monkeypatch):
@@ -137,7 +140,7 @@ def test_model_on_csv_and_benchmark_folder(env, tmp_path, capsys, monkeypatch):
     assert rc == 0, err
     assert "using the only split 'test'" in err
     res = json.loads(out.read_text())
-    assert res["metrics"]["n_pairs"] == 6 and res["split"] == "test"
+    assert res["metrics"]["n_images"] == 6 and res["split"] == "test" and res["dataset"] == "wds/bench"
 
 
 def test_hub_format_config_model(env, tmp_path, capsys):
@@ -145,7 +148,7 @@ def test_hub_format_config_model(env, tmp_path, capsys):
     rc = main(["eval", "--model", "geomtest-wide", "--model-config", str(env["hub"]), "--pretrained",
                str(env["wide"]), "--device", "cpu", "--data", f"{env['shards']}/0.tar", "--output", str(out)])
     assert rc == 0, capsys.readouterr().err
-    assert json.loads(out.read_text())["metrics"]["n_pairs"] == 4
+    assert json.loads(out.read_text())["metrics"]["n_images"] == 4
 
 
 def test_embeddings_npz_and_pt(tmp_path, capsys):
@@ -157,7 +160,8 @@ def test_embeddings_npz_and_pt(tmp_path, capsys):
     assert main(["eval", "--embeddings", str(npz), "--output", str(out)]) == 0
     res = json.loads(out.read_text())
     want = geometry_metrics(img, txt, logit_scale=12.0, logit_bias=-3.0)
-    assert res["dataset"] == str(npz) and res["model"] is None
+    assert res["dataset"] == "embeddings/emb" and res["dataset_path"] == str(npz)
+    assert res["model"] == "embeddings" and res["pretrained"] == "emb.npz"
     for k, v in want.items():
         assert res["metrics"][k] == pytest.approx(v, rel=1e-12, abs=1e-15), k
 
@@ -214,7 +218,7 @@ def _bad_cases(env, tmp: Path):
          f"corrupt or unreadable shard {corrupt}/1.tar"),
         ("empty dataset", _model_args(env, "--data", f"{empty}/0.tar"), "empty dataset"),
         ("unknown model", ["eval", "--model", "geomtest-tinyy", "--model-config", str(env["cfg"]), "--device", "cpu",
-                           "--data", f"{shards}/0.tar"], "unknown model 'geomtest-tinyy'; did you mean: geomtest-tiny"),
+                           "--data", f"{shards}/0.tar"], "unknown model 'geomtest-tinyy': not an open_clip model; did you mean: geomtest-tiny"),
         ("wrong checkpoint", ["eval", "--model", "geomtest-tiny", "--model-config", str(env["cfg"]), "--pretrained",
                               str(env["wide"]), "--device", "cpu", "--data", f"{shards}/0.tar"],
          f"checkpoint {env['wide']} does not fit the architecture of model 'geomtest-tiny'"),
@@ -262,4 +266,4 @@ def test_precision_uses_open_clips_autocast(env, tmp_path, capsys):
         metrics[precision] = json.loads(out.read_text())["metrics"]
     fp32, bf16 = metrics["fp32"]["margin_mean"], metrics["amp_bf16"]["margin_mean"]
     assert bf16 != fp32 and bf16 == pytest.approx(fp32, abs=2e-2)
-    assert metrics["amp_bf16"]["n_pairs"] == 12
+    assert metrics["amp_bf16"]["n_images"] == 12

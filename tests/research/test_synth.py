@@ -164,7 +164,9 @@ def test_every_experiment_builds_and_runs(experiment: str, tmp_path) -> None:
                              record_every=10, **extra)
     assert summary["runs"] and os.path.exists(tmp_path / "summary.json")
     if experiment == "modalities":
-        assert [(r["k"], r["graph"]) for r in summary["runs"]] == [(2, "complete"), (3, "complete"), (3, "star")]
+        variants = ["relative", "absolute", "fixed t"]
+        assert [(r["k"], r["graph"], r["info"]["variant"]) for r in summary["runs"]] == [
+            (k, g, v) for k, g in [(2, "complete"), (3, "complete"), (3, "star")] for v in variants]
     if experiment == "xi":
         assert [r["dim"] for r in summary["runs"]] == [3, 6]
 
@@ -230,9 +232,11 @@ def test_parser_and_signature_defaults_are_synthconfig() -> None:
 
     parse = build_parser(["synth"]).parse_args
     assert config_from_args(SynthConfig, parse(["synth", "xi", "--output", "o"])) == SynthConfig()
-    cfg = config_from_args(SynthConfig, parse(["synth", "xi", "--output", "o", "--record-every", "7", "--graphs", "star",
-                                  "--b0", "1", "2", "--normalize", "sum", "--threads", "0"]))
-    assert cfg == SynthConfig(record_every=7, graphs=("star",), b0=(1.0, 2.0), normalize="sum", threads=0)
+    cfg = config_from_args(SynthConfig, parse(["synth", "modalities", "--output", "o", "--record-every", "7",
+                                               "--graphs", "star", "--normalize", "sum", "--threads", "0"]))
+    assert cfg == SynthConfig(record_every=7, graphs=("star",), normalize="sum", threads=0)
+    cfg = config_from_args(SynthConfig, parse(["synth", "frozen", "--output", "o", "--b0", "1", "2"]))
+    assert cfg == SynthConfig(b0=(1.0, 2.0))
     defaults = {f.name: f.default for f in fields(SynthConfig)}
     for name, param in inspect.signature(train_runs).parameters.items():
         if name in defaults:
@@ -241,8 +245,8 @@ def test_parser_and_signature_defaults_are_synthconfig() -> None:
 
 def test_bad_config_values_name_the_field(tmp_path) -> None:
     for kwargs, message in ((dict(normalize="mean"), "normalize"), (dict(backend="gpu"), "backend"),
-                            (dict(graphs=["ring"]), "graph"), (dict(n=1), "n must be >= 2"),
-                            (dict(ks=[1]), "2 modalities"), (dict(record_every=0), "record_every")):
+                            (dict(graphs=["ring"]), "graph"), (dict(n=1), r"n must be in \[2, "),
+                            (dict(ks=[1]), r"ks must be in \[2, "), (dict(record_every=0), "record_every")):
         with pytest.raises(ValueError, match=message):
             SynthConfig(**kwargs)
     with pytest.raises(ValueError, match="normalize"):
@@ -252,7 +256,7 @@ def test_bad_config_values_name_the_field(tmp_path) -> None:
     err = io.StringIO()
     with redirect_stdout(io.StringIO()), redirect_stderr(err):
         rc = cli_main(["synth", "xi", "--output", str(tmp_path), "--n", "1", "--no-plots"])
-    assert rc == 2 and "error: n must be >= 2" in err.getvalue()
+    assert rc == 2 and "error: n must be in [2, " in err.getvalue()
     assert not (tmp_path / "summary.json").exists()
 
 
