@@ -156,18 +156,19 @@ def _uniformity(u: torch.Tensor, rows: int, cols: int) -> float:
     return math.log(total / (n * (n - 1)))
 
 
-def _refined_higher(near: torch.Tensor, rx: torch.Tensor, cy: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                    thr: torch.Tensor, per_row: bool) -> torch.Tensor:
-    """Per row (or column) of a tile: how many of its ``near`` entries exceed ``thr`` (float64, per row /
-    column) when recomputed by ``functional.dot64``, the kernel of the matched similarities."""
+def _refined_higher(near: torch.Tensor, s: torch.Tensor, hi: torch.Tensor, rx: torch.Tensor, cy: torch.Tensor,
+                    x: torch.Tensor, y: torch.Tensor, thr: torch.Tensor, per_row: bool) -> torch.Tensor:
+    """Per row (or column) of a tile: the correction of the tile's ``s > hi`` count over its ``near``
+    entries, each decided instead by ``functional.dot64`` (the kernel of the matched similarities)
+    against ``thr`` (float64, per row / column): +1 where dot64 says higher, -1 where the tile did."""
     r, c = near.nonzero(as_tuple=True)
     counts = torch.zeros(near.shape[0] if per_row else near.shape[1], dtype=torch.int64, device=near.device)
     step = max(1, (1 << 20) // max(x.shape[1], 1))
     for lo in range(0, r.numel(), step):
         rb, cb = r[lo:lo + step], c[lo:lo + step]
         at = rb if per_row else cb
-        higher = fn.dot64(x[rx[rb]], y[cy[cb]]) > thr[at]
-        counts.index_add_(0, at[higher], torch.ones_like(at[higher]))
+        delta = (fn.dot64(x[rx[rb]], y[cy[cb]]) > thr[at]).to(torch.int64) - (s[rb, cb] > hi[at]).to(torch.int64)
+        counts.index_add_(0, at, delta)
     return counts
 
 
@@ -197,12 +198,13 @@ def _cross_pass(x: torch.Tensor, y: torch.Tensor, owner: torch.Tensor | None, po
     band = P.BandSelect(n_neg, _TRIM_Q, cap, cdt, dev) if want_trim else None
     if want_rank:
         # the match each count compares with: an image's best caption, a caption's own image (float64,
-        # dot64); [lo, hi] brackets it by the tile product's rounding bound, so entries outside are decided
-        # in the compute dtype and those inside are recomputed by dot64
+        # dot64); tol bounds the tile product's rounding ((d + 4) eps >= 2 gamma_d for unit rows): entries
+        # above match + tol are higher for both kernels, and those near the match are recomputed by dot64
         best = torch.full((n,), -math.inf, dtype=f64, device=dev).scatter_reduce_(0, own, pos, "amax")
         tol = (x.shape[1] + 4) * torch.finfo(cdt).eps
-        row_lo, row_hi = (best - tol).to(cdt), (best + tol).to(cdt)
-        col_lo, col_hi = (pos - tol).to(cdt), (pos + tol).to(cdt)
+        row_hi, col_hi = (best + tol).to(cdt), (pos + tol).to(cdt)
+        row_mid, col_mid = best.to(cdt), pos.to(cdt)
+        half = 2 * tol
 
     def tiles():
         """(rows idx, columns cidx, similarities with the positives at -inf, #masked, last tile?)."""
@@ -230,7 +232,7 @@ def _cross_pass(x: torch.Tensor, y: torch.Tensor, owner: torch.Tensor | None, po
     neg_max = torch.tensor(-math.inf, dtype=cdt, device=dev)
     neg_loss = torch.zeros((), dtype=f64, device=dev)
     thr_c = torch.tensor(threshold if want_viol else 0.0, dtype=cdt, device=dev)
-    row_count = None
+    row_count = buf = None
     ones = torch.ones(max(rows, cols), dtype=torch.float32, device=dev)
     for idx, cidx, s, n_masked, last in tiles():
         if want_rank:
@@ -239,13 +241,18 @@ def _cross_pass(x: torch.Tensor, y: torch.Tensor, owner: torch.Tensor | None, po
             # Counting as 0/1 float32 matrix-vector products is exact (< 2^24) and ~2x faster than sum(bool).
             r, c = s.shape
             row_count += ((s > row_hi[idx, None]).to(torch.float32) @ ones[:c]).to(torch.int64)
-            near = (s >= row_lo[idx, None]) & (s <= row_hi[idx, None])
-            if bool(near.any()):
-                row_count += _refined_higher(near, idx, cidx, x, y, best[idx], per_row=True)
             t2i[cidx] += (ones[:r] @ (s > col_hi[None, cidx]).to(torch.float32)).to(torch.int64)
-            near = (s >= col_lo[None, cidx]) & (s <= col_hi[None, cidx])
-            if bool(near.any()):
-                t2i[cidx] += _refined_higher(near, idx, cidx, x, y, pos[cidx], per_row=False)
+            # entries within 2 tol of the match are recomputed by dot64 (a superset of the band where the
+            # tile's rounding could decide wrongly; outside it both kernels agree): |s - match| once per
+            # direction, its min, and only where it is small the mask and the recomputation
+            buf = torch.empty_like(s) if buf is None or buf.shape != s.shape else buf
+            torch.sub(s, row_mid[idx, None], out=buf).abs_()
+            if float(buf.amin()) <= half:
+                row_count += _refined_higher(buf <= half, s, row_hi[idx], idx, cidx, x, y, best[idx], per_row=True)
+            torch.sub(s, col_mid[None, cidx], out=buf).abs_()
+            if float(buf.amin()) <= half:
+                t2i[cidx] += _refined_higher(buf <= half, s, col_hi[cidx], idx, cidx, x, y, pos[cidx],
+                                             per_row=False)
         if want_viol:
             neg_above += torch.count_nonzero(s > thr_c)
         if want_max:

@@ -89,18 +89,37 @@ def env(tmp_path_factory):
     return {"root": root, "ckpt": ckpt, "data": data, "counts": counts}
 
 
-def _export_npz(env, path):
+def _save_siglip2(folder):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    small = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 2}
+    cfg = transformers.Siglip2Config(
+        text_config={**small, "vocab_size": len(vocab), "max_position_embeddings": 16, "pad_token_id": 0},
+        vision_config={**small, "patch_size": 8, "num_patches": 16})
+    torch.manual_seed(1)
+    transformers.Siglip2Model(cfg).save_pretrained(folder)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                         model_input_names=["input_ids"]).save_pretrained(folder)
+    transformers.Siglip2ImageProcessor(patch_size=8, max_num_patches=16).save_pretrained(folder)
+    return folder
+
+
+def _export_npz(env, path, ckpt=None):
     """What a user writes by hand today: transformers' own forward, embeddings + t and logit_bias to .npz."""
     from PIL import Image
 
-    model = transformers.SiglipModel.from_pretrained(env["ckpt"]).eval()
-    proc = transformers.AutoImageProcessor.from_pretrained(env["ckpt"])
-    tok = transformers.AutoTokenizer.from_pretrained(env["ckpt"])
+    ckpt = ckpt or env["ckpt"]
+    model = transformers.AutoModel.from_pretrained(ckpt).eval()
+    proc = transformers.AutoImageProcessor.from_pretrained(ckpt)
+    tok = transformers.AutoTokenizer.from_pretrained(ckpt)
     images = [Image.open(io.BytesIO(_png(i))).convert("RGB") for i in range(len(env["counts"]))]
     captions = [_caption(i, j) for i, c in enumerate(env["counts"]) for j in range(c)]
     owner = np.repeat(np.arange(len(images)), env["counts"])
     with torch.no_grad():
-        out = model(pixel_values=proc(images=images, return_tensors="pt")["pixel_values"],
+        out = model(**proc(images=images, return_tensors="pt"),
                     input_ids=tok(captions, padding="max_length", max_length=16, return_tensors="pt")["input_ids"])
     np.savez(path, image=out.image_embeds.numpy(), text=out.text_embeds.numpy(), text_image=owner,
              logit_scale=np.float64(model.logit_scale.exp().item()), logit_bias=np.float64(model.logit_bias.item()))
@@ -126,6 +145,22 @@ def test_hf_model_equals_its_exported_embeddings(env, tmp_path, capsys):
     assert want.keys() == m.keys()
     for k, v in want.items():
         assert m[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+
+
+def test_siglip2_model_equals_its_exported_embeddings(env, tmp_path, capsys):
+    """Siglip2's processor gives pixel_values, pixel_attention_mask and spatial_shapes: all reach the model."""
+    ckpt = _save_siglip2(tmp_path / "siglip2")
+    out = tmp_path / "hf2.json"
+    rc = main(["eval", "--hf-model", str(ckpt), "--data", str(env["data"]), "--device", "cpu", "--batch-size", "3",
+               "--output", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    got = json.loads(out.read_text())["metrics"]
+    npz = tmp_path / "export2.npz"
+    _export_npz(env, npz, ckpt)
+    assert main(["eval", "--embeddings", str(npz), "--output", str(tmp_path / "npz2.json")]) == 0
+    want = json.loads((tmp_path / "npz2.json").read_text())["metrics"]
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
 
 
 def test_hf_checkpoint_without_logit_bias_is_refused(env, tmp_path, capsys):

@@ -126,6 +126,25 @@ def test_recall_follows_the_tie_rule_with_duplicated_captions(dtype):
     assert got["text_to_image_R@1"] == (want_t2i < 1).mean()
 
 
+def test_recall_counts_near_ties_that_are_truly_higher():
+    """Unmatched similarities above the match by less than float32's rounding of the tile (1e-6 at d = 256)
+    are decided by the float64 kernel: counted exactly as a float64 product of the stored vectors says."""
+    rng = np.random.default_rng(4)
+    x = torch.tensor(_unit(rng.standard_normal((300, 256))), dtype=torch.float32)
+    y = _unit(rng.standard_normal((300, 256)))
+    for _ in range(150):  # caption j: a copy of caption i nudged towards / away from image i
+        i, j = rng.choice(300, 2, replace=False)
+        y[j] = _unit((y[i] + rng.choice([-1, 1]) * rng.uniform(2e-7, 5e-6) * x[i].double().numpy())[None])[0]
+    y = torch.tensor(y, dtype=torch.float32)
+    s = x.double() @ y.double().T
+    pos = s.diag()
+    want_i2t, want_t2i = (s > pos[:, None]).sum(1), (s > pos[None, :]).sum(0)
+    got = geometry_metrics(x, y, metrics="retrieval")
+    assert got["image_to_text_mean_rank"] == float(want_i2t.double().mean()) + 1
+    assert got["text_to_image_mean_rank"] == float(want_t2i.double().mean()) + 1
+    assert got["image_to_text_R@1"] == float((want_i2t < 1).double().mean())
+
+
 # ------------------------------------------------------------------------------- clip_benchmark
 def _clip_benchmark(x, y, owner, ks=(1, 5, 10)):
     """clip_benchmark's own recall code on the same embeddings (its evaluate() after encoding)."""
