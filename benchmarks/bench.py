@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from open_clip_sigrel.bias import logit_bias_from_rel_bias
-from open_clip_sigrel.io import format_table
+from open_clip_sigrel.io import atomic_write_text, check_writable_file, format_table
 from open_clip_sigrel.loss import DIST_IMPLS, SigRelLoss, auto_chunk_size
 
 MIB = float(1 << 20)
@@ -64,6 +64,7 @@ DTYPES = ("fp32", "bf16")
 # Every tensor above 64 KiB gets its own mmap, returned to the OS on free (see the module docstring).
 MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
 _RESULT_PREFIX = "BENCH-RESULT "
+_MAX_SIZE = 1 << 24  # largest batch / dimension / count a flag may ask for (beyond it: out of memory, or days)
 PROG = "bench.py"
 
 
@@ -141,6 +142,36 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """BenchArgumentError for what argparse's types leave open: dist's --batch, --threads, sizes too big
+    to allocate, an unknown --model, an --output that cannot be written."""
+    batch = getattr(args, "batch", None)
+    for value in (batch if isinstance(batch, list) else [batch]):
+        if value is not None and not 1 <= value <= _MAX_SIZE:
+            raise BenchArgumentError(f"--batch must be in [1, {_MAX_SIZE}], got {value}")
+    for name in ("dim", "batch_size", "steps", "repeats", "rounds", "warmup", "warmup_steps", "chunk_size"):
+        value = getattr(args, name, None)
+        if value is not None and value > _MAX_SIZE:
+            raise BenchArgumentError(f"--{name.replace('_', '-')} must be at most {_MAX_SIZE}, got {value}")
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        raise BenchArgumentError(f"--threads must be >= 1, got {threads}")
+    if getattr(args, "bench", None) == "train":
+        import open_clip
+
+        from open_clip_sigrel.configs import register_shipped_configs
+
+        register_shipped_configs()
+        if args.model not in open_clip.list_models():
+            raise BenchArgumentError(f"--model {args.model!r} is not an open_clip model config (e.g. sigrel-tiny; "
+                                     "open_clip.list_models() lists them)")
+    if getattr(args, "output", None):
+        try:
+            check_writable_file(args.output)
+        except ValueError as e:
+            raise BenchArgumentError(str(e)) from None
+
+
 def _str_list(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
@@ -155,13 +186,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"{PROG}: error: warm-up counts must be >= 0", file=sys.stderr)
         return 2
     try:
+        _check_args(args)  # everything that would otherwise fail after the measurements, or run nonsense
         doc = {"loss": bench_loss, "dist": bench_dist, "train": bench_train}[args.bench](args)
     except BenchArgumentError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     text = json.dumps(doc, indent=2)
     if args.output:
-        Path(args.output).write_text(text + "\n")
+        atomic_write_text(args.output, text + "\n")
     if args.json:
         print(text)
         for impl, reason in doc.get("skipped_impls", {}).items():  # the table prints these itself

@@ -51,9 +51,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args(argv)
+    try:  # every size checked before the first measurement (argparse's error: line, exit 2)
+        sizes = [int(v) for v in a.n.split(",")]
+    except ValueError:
+        p.error(f"--n: expected comma-separated integers, got {a.n!r}")
+    for flag, values in (("--n", sizes), ("--dim", [a.dim]), ("--repeats", [a.repeats])):
+        if not values or not all(1 <= v <= (1 << 24) for v in values):
+            p.error(f"{flag} must be integers in [1, {1 << 24}], got {values}")
+    if min(sizes) < 2:
+        p.error(f"--n must be >= 2 (pairs), got {sizes}")
     t, bias = torch.tensor(10.0), -10.0
     rows = []
-    for n in (int(v) for v in a.n.split(",")):
+    for n in sizes:
         for gap in (True, False):
             x, y = _features(n, a.dim, gap)
             stock = _median_time(lambda x=x, y=y: get_clip_metrics(x, y, t), a.repeats)

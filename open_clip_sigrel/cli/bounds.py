@@ -24,6 +24,8 @@ def _count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
     if not value.is_integer():
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}")
+    if abs(value) > 2**53:  # beyond exact float64 integers (the bounds compute in float64)
+        raise argparse.ArgumentTypeError(f"too large (at most 2^53 = {2**53:.4g}): {text!r}")
     return int(value)
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from open_clip_sigrel.bias import logit_bias_from_rel_bias, rel_bias_from_logit_bias
+from open_clip_sigrel.hosts.options import check_t_in_clamp, t_clamp
 from open_clip_sigrel.hosts.telemetry import Telemetry, batch_constellation
 from open_clip_sigrel.loss import SigRelLoss
 from open_clip_sigrel.model import enable_rel_bias, has_rel_bias, sigrel_values
@@ -79,6 +80,19 @@ class SigrelRun:
             fixed_rel_bias=args.sigrel_fixed_rel_bias,
             fixed_logit_scale=args.sigrel_fixed_logit_scale,
         )
+        from_checkpoint = loaded and not explicit["logit_scale"]
+        t, t_max = sigrel_values(model)["logit_scale"], t_clamp(args)
+        if from_checkpoint and not args.sigrel_fixed_logit_scale and t > t_max * (1 + 1e-6):
+            # a trainable t above the clamp (a SigLIP checkpoint's t ~ 117): clamped now, said so, rather
+            # than by the loop after the first step; b_rel (the parameter) is kept
+            with torch.no_grad():
+                model.logit_scale.fill_(math.log(t_max))
+            _logger.warning(f"sigrel: t = {t:.4f} from the pretrained checkpoint is above the clamp {t_max:g} applied "
+                            f"after every step: clamped to {t_max:g} before the first step (pass "
+                            f"--sigrel-max-logit-scale {t:.4g} or inf to keep it)")
+        else:
+            check_t_in_clamp(t, args, "from the pretrained checkpoint" if from_checkpoint else "--sigrel-init-logit-scale")
+        _warn_if_stock_cannot_load(model_name)
         v = sigrel_values(model)
         _logger.info(
             f"sigrel: t = {v['logit_scale']:.4f}, b_rel = {v['rel_bias']:.4f} (logit_bias = {v['logit_bias']:.4f})"
@@ -164,6 +178,19 @@ class SigrelRun:
         for key, value in geometry.items():
             metrics.setdefault(key, value)
         return metrics
+
+
+def _warn_if_stock_cannot_load(model_name: str) -> None:
+    """Stock open_clip builds a model whose config has no ``init_logit_bias`` without a bias, and then
+    cannot load a sigrel checkpoint's logit_bias; one keyword makes it."""
+    import open_clip
+
+    cfg = open_clip.get_model_config(model_name)
+    if cfg is not None and cfg.get("init_logit_bias") is None:
+        _logger.warning(
+            f"sigrel: the config of {model_name} has no init_logit_bias, so stock open_clip builds it without a "
+            f"bias; load this run's checkpoints with open_clip.create_model_and_transforms({model_name!r}, "
+            "pretrained=PATH, init_logit_bias=0.0) (the checkpoint's value replaces the 0.0)")
 
 
 def _full(p: torch.Tensor) -> torch.Tensor:
@@ -355,13 +382,17 @@ def swapped(obj, name: str, value) -> Iterator[None]:
 def run_open_clip_main(argv: list[str], parse, run_hooks, plain_swaps=(), check_args=None) -> int:
     """open_clip_train.main.main(argv) with names swapped for one run (and restored after).
 
-    Both adapters swap ``parse_args`` (``parse(argv, stock_parse_args)`` -> args, then ``check_args``),
-    ``create_model_and_transforms``, ``train.get_clip_metrics`` and torch's DDP (no ``device_ids`` on CPU).
+    Both adapters swap ``parse_args`` (``parse(argv, stock_parse_args)`` -> args, then ``check_args`` and
+    the checks of the data and the checkpoints), ``create_model_and_transforms``, ``train.get_clip_metrics``,
+    torch's DDP (no ``device_ids`` on CPU), main's ``torch`` (atomic ``torch.save``), its
+    ``get_latest_checkpoint`` (complete checkpoints only) and the data's error handlers (``data_guard``).
     ``run_hooks``: (module, name, fn) with ``fn(run, original, *args, **kwargs)``; ``plain_swaps``:
     (module, name, value).
     """
     import open_clip_train.main as oc_main
     import open_clip_train.train as oc_train
+
+    from open_clip_sigrel.hosts import checkpoint, data_guard
 
     holder: dict = {}
     stock_parse_args = oc_main.parse_args
@@ -370,17 +401,30 @@ def run_open_clip_main(argv: list[str], parse, run_hooks, plain_swaps=(), check_
         args = parse(a, stock_parse_args)
         if check_args is not None:
             check_args(args)
+        data_guard.check_shards(args)
+        checkpoint.check_resume(args)
         holder["run"] = SigrelRun(args)
+        for module, name, value in [(oc_main, "torch", checkpoint.torch_with_atomic_save(args)),
+                                    *data_guard.swaps(args)]:
+            holder["stack"].enter_context(swapped(module, name, value))
         return args
 
     def hook(fn, original):
         return lambda *a, **kw: fn(holder["run"], original, *a, **kw)
 
+    def latest_checkpoint(run, original, path, remote):
+        found = checkpoint.latest_complete_checkpoint(original, path, remote)
+        if found is not None:
+            checkpoint.check_resume_setup(found, run.args)
+        return found
+
     run_hooks = [(oc_main, "create_model_and_transforms", SigrelRun.create_model_and_transforms),
+                 (oc_main, "get_latest_checkpoint", latest_checkpoint),
                  (oc_train, "get_clip_metrics", SigrelRun.get_clip_metrics), *run_hooks]
     plain_swaps = [(oc_main, "parse_args", parse_args),
                    (torch.nn.parallel, "DistributedDataParallel", CpuSafeDDP), *plain_swaps]
     with contextlib.ExitStack() as stack:
+        holder["stack"] = stack
         for module, name, fn in run_hooks:
             stack.enter_context(swapped(module, name, hook(fn, getattr(module, name))))
         for module, name, value in plain_swaps:

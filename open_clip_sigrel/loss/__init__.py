@@ -50,6 +50,11 @@ def _check_features(image_features: torch.Tensor, text_features: torch.Tensor, p
             "image_features and text_features must be 2-D (batch, dim); got shapes "
             f"{tuple(image_features.shape)} and {tuple(text_features.shape)}"
         )
+    if image_features.shape[0] == 0 or text_features.shape[0] == 0:  # the loss would be 0 / 0 = NaN
+        raise ValueError(
+            "an empty batch has no sigmoid loss: got "
+            f"{image_features.shape[0]} images and {text_features.shape[0]} texts (need >= 1 each)"
+        )
     if image_features.shape[1] != text_features.shape[1]:
         raise ValueError(
             f"feature dimensions differ: image {image_features.shape[1]} vs text {text_features.shape[1]}"

@@ -8,12 +8,13 @@ the training accuracy, on all 2N (normalised) points, of a concrete linear class
 * **1.0 exactly when the two sets are linearly separable.** Separable <=> the convex hulls are disjoint
   (finite sets) <=> the linear programme  x_i.w + c >= 1, y_i.w + c <= -1  is feasible. A separating
   classifier is found (and then verified by counting) by, in order of cost: the centroid direction, an
-  L-BFGS fit of the squared hinge loss (an L2-SVM), the L1 distance LP between the hulls (HiGHS dual
-  simplex: d + 2 rows, its dual is a separating direction), and the feasibility LP above.
+  L-BFGS fit of the squared hinge loss (an L2-SVM), the feasibility LP above (HiGHS; scale-free, so
+  margins of 1e-8 are found), and the L1 distance LP between the hulls (HiGHS dual simplex, d + 2 rows;
+  its dual is a separating direction). Each LP has a time limit (_LP_SECONDS).
 * **Below 1.0 only with a certificate that the sets are not separable**: convex weights lambda, mu with
   ||sum lambda_i x_i - sum mu_j y_j||_inf <= tol (the hulls meet; tol = 8 sqrt(d) eps of the features'
   dtype: within the data's own rounding), checked in float64 -- or HiGHS proving the feasibility LP
-  infeasible. The value is then the best accuracy of the candidate classifiers (the fits above, the LP
+  infeasible. If HiGHS decides neither within its time limits: the candidates' best with a RuntimeWarning. The value is then the best accuracy of the candidate classifiers (the fits above, the LP
   direction, the top principal axes of each modality; every one with its exactly optimal threshold):
   a lower bound on the best linear accuracy, whose exact value is NP-hard to compute. On XOR-like sets
   the principal axes give the "cut off one cluster" line (~3/4).
@@ -49,6 +50,7 @@ __all__ = ["linear_separability", "Separability", "separability"]
 
 _SUBSET_PER_DIM = 2  # pairs of the subset LP per dimension (2 x 2 d points in d + 1 parameters: rarely separable)
 _PRINCIPAL_AXES = 2  # top principal axes of each modality tried as directions
+_LP_SECONDS = 120.0  # HiGHS time limit per LP (never reached on the sets of the tests and benchmarks)
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,7 @@ def separability(image_features: Any, text_features: Any, *, max_iter: int = 300
     with torch.inference_mode(False):  # callers (open_clip's evaluate) may run under inference_mode
         x64 = x.detach().to(torch.float64).cpu().numpy()
         y64 = y.detach().to(torch.float64).cpu().numpy()
-        return _decide(x, y, x64, y64, mx, my, max_iter, tol)
+        return _decide(x.clone(), y.clone(), x64, y64, mx, my, max_iter, tol)  # clones: autograd-able
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,9 +104,11 @@ def _best_threshold(sx: np.ndarray, sy: np.ndarray) -> tuple[float, float]:
     correct = (n - np.searchsorted(sxs, cuts, side="right")) + np.searchsorted(sys_, cuts, side="right")
     k = int(np.argmax(correct))
     cut = float(cuts[k])
-    if sys_[-1] < sxs[0]:  # a clean cut: put it mid-way, away from both sets
-        mid = float(sys_[-1]) / 2 + float(sxs[0]) / 2
-        cut = mid if sys_[-1] <= mid < sxs[0] else float(sys_[-1])
+    above = np.concatenate([sxs[np.searchsorted(sxs, cut, side="right"):][:1],
+                            sys_[np.searchsorted(sys_, cut, side="right"):][:1]])
+    if above.size:  # mid-way to the next score: no point sits on the cut, so rounding flips none
+        mid = cut / 2 + float(above.min()) / 2
+        cut = mid if cut <= mid < above.min() else cut
     return float(correct[k]) / (2 * n), -cut
 
 
@@ -179,7 +183,8 @@ def _hull_distance_lp(x64: np.ndarray, y64: np.ndarray, linprog, sparse):
     ]).tocsc()
     b_eq = np.concatenate([np.zeros(d), [1.0, 1.0]])
     cost = np.concatenate([np.zeros(n + k), np.ones(2 * d)])
-    r = linprog(cost, A_eq=a_eq, b_eq=b_eq, bounds=(0, None), method="highs-ds")
+    r = linprog(cost, A_eq=a_eq, b_eq=b_eq, bounds=(0, None), method="highs-ds",
+                options={"time_limit": _LP_SECONDS})
     if r.status != 0:
         return None
     marg = getattr(getattr(r, "eqlin", None), "marginals", None)
@@ -201,7 +206,7 @@ def _feasibility_lp(x64: np.ndarray, y64: np.ndarray, linprog):
     n, d = x64.shape
     a_ub = np.vstack([np.hstack([-x64, -np.ones((n, 1))]), np.hstack([y64, np.ones((y64.shape[0], 1))])])
     r = linprog(np.zeros(d + 1), A_ub=a_ub, b_ub=-np.ones(a_ub.shape[0]), bounds=[(None, None)] * (d + 1),
-                method="highs")
+                method="highs", options={"time_limit": _LP_SECONDS})
     return r.status, (r.x[:d] if r.status == 0 else None)
 
 
@@ -232,22 +237,21 @@ def _decide(x: torch.Tensor, y: torch.Tensor, x64: np.ndarray, y64: np.ndarray, 
         if sub is not None and _hulls_meet(x64[idx], y64[idx], sub[1], sub[2], tol):
             certified = f"the hulls of {idx.size} of the pairs meet (LP)"
             best.offer(sub[3], "hull LP dual (subset)")
-    if certified is None:
+    if certified is None:  # scale-free: a separator of any margin has constraint values +-1
+        status, w = _feasibility_lp(x64, y64, linprog)
+        if status == 0 and best.offer(w, "feasibility LP"):
+            return best.result(True)
+        if status == 2:
+            certified = "the feasibility LP is infeasible (HiGHS)"
+    if certified is None:  # HiGHS undecided within its time limit: the hull LP's certificate
         full = _hull_distance_lp(x64, y64, linprog, sparse)
         if full is not None:
             if best.offer(full[3], "hull LP dual"):
                 return best.result(True)
             if _hulls_meet(x64, y64, full[1], full[2], tol):
                 certified = "the hulls meet (LP)"
-    if certified is None:  # tiny margins (below HiGHS' tolerances in the hull LP): the scale-free LP
-        status, w = _feasibility_lp(x64, y64, linprog)
-        if status == 0 and best.offer(w, "feasibility LP"):
-            return best.result(True)
-        if status == 2:
-            certified = "the feasibility LP is infeasible (HiGHS)"
-        else:
-            raise RuntimeError(f"linear_separability: the LPs could not decide (HiGHS status {status}); "
-                               "please report this input")
+    if certified is None:
+        return _uncertified(best, x, y, w_init, c_init, max_iter, f"HiGHS did not decide within {_LP_SECONDS:g} s")
     _lower_bound_candidates(best, x, y, x64, y64, w_init, c_init, max_iter)
     return best.result(False, f"not separable: {certified}; accuracy of the best classifier found ({best.how})")
 
@@ -266,6 +270,6 @@ def _uncertified(best: _Best, x, y, w_init, c_init, max_iter: int, why: str) -> 
     _lower_bound_candidates(best, x, y, x64, y64, w_init, c_init, max_iter)
     if best.accuracy == 1.0:
         return best.result(True)
-    warnings.warn(f"linear_separability: no exact LP ({why}); {best.accuracy:.4f} is the best classifier found, "
+    warnings.warn(f"linear_separability: not certified ({why}); {best.accuracy:.4f} is the best classifier found, "
                   "a lower bound, and the sets may still be separable", RuntimeWarning, stacklevel=3)
     return best.result(None, "uncertified: " + best.how)

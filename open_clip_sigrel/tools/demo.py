@@ -50,8 +50,8 @@ from open_clip_sigrel.bias import rel_bias_from_logit_bias
 from open_clip_sigrel.extras import require
 from open_clip_sigrel.hosts.options import DEFAULT_INIT_LOGIT_SCALE, DEFAULT_INIT_REL_BIAS
 from open_clip_sigrel.hosts.telemetry import TELEMETRY_FILE, read_telemetry
+from open_clip_sigrel.io import check_writable_dir, read_jsonl
 from open_clip_sigrel.io import format_table as _format_table
-from open_clip_sigrel.io import read_jsonl
 from open_clip_sigrel.tools.data import DigitsConfig, ensure_digits_dataset
 
 __all__ = [
@@ -76,6 +76,9 @@ RUNS: tuple[tuple[str, tuple[str, ...], str], ...] = (
 #: Starting logits shared by both runs: open_clip's --siglip init (t0 = 10, logit_bias0 = -10), which is
 #: also the training entry's default for --loss sigrel (b_rel0 = -logit_bias0 / t0 = 1).
 INIT_T, INIT_REL_BIAS = DEFAULT_INIT_LOGIT_SCALE, DEFAULT_INIT_REL_BIAS
+
+
+_MAX_SAMPLES = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -103,18 +106,23 @@ class DemoConfig:
             raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 2:
             raise ValueError(f"--batch-size must be >= 2 (a contrastive batch needs negatives), got {self.batch_size}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"--lr must be a positive number, got {self.lr}")
+        if not (math.isfinite(self.lr) and 1e-12 <= self.lr <= 10):  # float32 steps: below 1e-12 nothing moves
+            raise ValueError(f"--lr must be a number in [1e-12, 10], got {self.lr}")
         if self.warmup < 0:
             raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
-        if not (math.isfinite(self.wd) and self.wd >= 0):
-            raise ValueError(f"--wd must be >= 0, got {self.wd}")
+        if not (math.isfinite(self.wd) and (self.wd == 0 or 1e-12 <= self.wd <= 10)):  # tinier: 0 in float32 steps
+            raise ValueError(f"--wd must be 0 or a number in [1e-12, 10], got {self.wd}")
         if self.n_train < self.batch_size:
             raise ValueError(f"--n-train ({self.n_train}) must be at least --batch-size ({self.batch_size})")
         if self.n_val < 2:
             raise ValueError(f"--n-val must be >= 2 (retrieval needs candidates), got {self.n_val}")
         if self.workers < 0:
             raise ValueError(f"--workers must be >= 0, got {self.workers}")
+        if not 0 <= self.seed < 2**32:  # numpy's seed range (open_clip seeds numpy with it)
+            raise ValueError(f"--seed must be in [0, 2^32), got {self.seed}")
+        for flag, value in (("--n-train", self.n_train), ("--n-val", self.n_val)):
+            if value > _MAX_SAMPLES:  # the mosaics are rendered in memory
+                raise ValueError(f"{flag} must be at most {_MAX_SAMPLES:,} (the demo's dataset), got {value}")
 
 
 # Rows of the table: (key in a run's summary, label).
@@ -254,6 +262,9 @@ def run_demo(config: DemoConfig | None = None, *, train: bool = True, plots: boo
     walls: dict[str, float | None] = {name: None for name, _, _ in RUNS}
     if train:
         cfg.check()
+        check_writable_dir(output, what="--output")  # before the dataset and the runs, not after them
+        if cfg.data_dir is not None:
+            check_writable_dir(Path(cfg.data_dir).expanduser().absolute(), what="--data-dir")
         data_path = Path(cfg.data_dir).expanduser().absolute() if cfg.data_dir is not None else output / "data"
         if progress is not None:
             progress(f"[demo] dataset: {data_path} ({cfg.n_train} train / {cfg.n_val} val digit mosaics)")

@@ -145,15 +145,13 @@ def test_resume_restores_t_and_rel_bias(sigrel_run, digits_data):
     assert b == pytest.approx(_b_rel(sd), abs=1e-4)
 
 
-@pytest.mark.parametrize("t_max,expect", [(None, 100.0), (1000.0, 150.0), (math.inf, 150.0)])
-def test_max_logit_scale_replaces_open_clips_clamp(digits_data, tmp_path, t_max, expect):
-    """t = 150 survives training only when --sigrel-max-logit-scale lifts open_clip's clamp at 100."""
-    flags = ["--loss", "sigrel", "--sigrel-init-logit-scale", "150", "--lr", "1e-6"]
-    if t_max is not None:
-        flags += ["--sigrel-max-logit-scale", str(t_max)]
+@pytest.mark.parametrize("t_max", [1000.0, math.inf])
+def test_max_logit_scale_replaces_open_clips_clamp(digits_data, tmp_path, t_max):
+    """t = 150 survives training when --sigrel-max-logit-scale lifts open_clip's clamp at 100."""
+    flags = ["--loss", "sigrel", "--sigrel-init-logit-scale", "150", "--lr", "1e-6", "--sigrel-max-logit-scale", str(t_max)]
     assert sigrel_train.main(_argv(digits_data, tmp_path, "clamp", *flags, epochs=1, val=False)) == 0
     t = _ckpt(tmp_path, "clamp", 1)["state_dict"]["logit_scale"].exp().item()
-    assert t == pytest.approx(expect, rel=1e-3)
+    assert t == pytest.approx(150.0, rel=1e-3)
 
 
 def test_telemetry_survives_silenced_console_logging(digits_data, tmp_path):
@@ -230,9 +228,11 @@ def _stock_checkpoint(path, t, logit_bias):
 @pytest.mark.parametrize(
     "logit_bias,flags,expect_t,expect_b",
     [
-        (-12.9, [], 117.8, 12.9 / 117.8),  # a SigLIP checkpoint: b_rel = -logit_bias / t = +0.11
-        (-12.9, ["--sigrel-init-rel-bias", "0.5"], 117.8, 0.5),  # an explicit flag wins
-        (None, [], 117.8, 1.0),  # no bias (a CLIP checkpoint): the default b_rel
+        # a SigLIP checkpoint: b_rel = -logit_bias / t = +0.11; its t above the clamp (100) is clamped now
+        (-12.9, [], 100.0, 12.9 / 117.8),
+        (-12.9, ["--sigrel-max-logit-scale", "inf"], 117.8, 12.9 / 117.8),  # the clamp lifted: t kept
+        (-12.9, ["--sigrel-init-rel-bias", "0.5"], 100.0, 0.5),  # an explicit flag wins
+        (None, ["--sigrel-max-logit-scale", "200"], 117.8, 1.0),  # no bias (a CLIP checkpoint): the default b_rel
     ],
 )
 def test_pretrained_stock_checkpoint_starts_a_sigrel_fine_tune(tmp_path, logit_bias, flags, expect_t, expect_b):

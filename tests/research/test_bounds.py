@@ -297,3 +297,39 @@ def test_missing_scipy_names_the_research_extra(monkeypatch) -> None:
         B.log_cap_fraction(5, 0.5)
     rc, out, err = _cli("--n", "123457", "--margin", "0.2173", "--rel-bias", "0.1")  # not in the lru caches
     assert rc == 1 and out == "" and "research" in err
+
+
+@pytest.mark.parametrize("margin", [1e-13, 1e-10, 5e-17, 1e-300])
+def test_tiny_positive_margins_are_refused_not_reported_as_fitting_in_d1(margin) -> None:
+    """Issue 12: --n 3 --margin 1e-13 claimed 'N pairs fit in d = 1 [rigorous]' (false for every m > 0:
+    in R^1 the 3 pairs would need 3 mutually antipodal unit vectors)."""
+    with pytest.raises(ValueError, match="below 1e-09"):
+        B.constellation_bounds(3, margin)
+    rc, out, err = _cli("--n", "3", "--margin", str(margin))
+    assert rc == 2 and out == "" and "error:" in err and "below 1e-09" in err
+
+
+_BAD_NUMBERS = ("nan", "inf", "-inf", "-1", "1e300", "1e-300", "0", "-0.5")
+
+
+@pytest.mark.parametrize("flag", ["--n", "--margin", "--rel-bias", "--dim"])
+@pytest.mark.parametrize("value", _BAD_NUMBERS)
+def test_cli_numeric_flags_fuzz(flag, value) -> None:
+    """Every bad value of every numeric flag: rc 2 with an 'error:' line and nothing on stdout, quickly."""
+    args = {"--n": "10", "--margin": "0.1"}
+    args[flag] = value
+    argv = [a for kv in args.items() for a in kv]
+    try:
+        rc, out, err = _cli(*argv)
+    except SystemExit as e:  # argparse's parser.error
+        rc, out, err = e.code, "", "error:"
+    ok_values = {("--margin", "0"), ("--rel-bias", "0"), ("--rel-bias", "-0.5"), ("--rel-bias", "1e-300")}
+    if (flag, value) in ok_values:
+        return  # valid inputs (m = 0, b_rel in range)
+    assert rc == 2 and out == "" and "error:" in err, (flag, value, rc, err)
+
+
+def test_smallest_accepted_margin_does_not_claim_d1_for_three_pairs() -> None:
+    res = B.constellation_bounds(3, 1e-9)
+    assert res["rigorous"]["dim_min"]["upper"] >= 2  # 3 pairs never fit in d = 1 with m > 0
+    assert B.constellation_bounds(3, 0.0)["rigorous"]["dim_min"]["upper"] == 1  # m = 0: exact, any N in d = 1

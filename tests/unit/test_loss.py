@@ -131,3 +131,15 @@ def test_float32_keeps_precision_near_zero_loss():
     ours.backward()
     # dL/db = -t (sum_neg sigmoid(z) - sum_pos sigmoid(-z)) = -30 * (56 - 8) * sigmoid(-15), not rounded to 0
     assert b.grad.item() == pytest.approx(-30 * 48 * torch.sigmoid(torch.tensor(-15.0)).item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("negatives_only", [False, True])
+def test_empty_batch_is_a_clear_error_not_nan(negatives_only):
+    """B = 0 used to return 0 / 0 = NaN; now a ValueError naming the empty batch, before any work."""
+    x, y = _pairs()
+    empty = x[:0]
+    for a, b in ((empty, empty), (empty, y), (x, empty)):
+        if not negatives_only and a.shape[0] != b.shape[0]:
+            continue  # unequal paired batches fail the pairing check instead
+        with pytest.raises(ValueError, match="empty batch"):
+            sigrel_loss(a, b, 10.0, 0.1, negatives_only=negatives_only)

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from open_clip_sigrel.tools.bounds._shared import _TOL, RIGOROUS
+from open_clip_sigrel.tools.bounds._shared import _TOL, MIN_MARGIN, RIGOROUS
 
 
 class _Condition(NamedTuple):
@@ -72,6 +72,10 @@ def validate(n: int, margin: float, rel_bias: float | None = None, dim: int | No
     positive, *region = _region(n, margin, rel_bias)
     if not positive.holds:
         raise ValueError(positive.failure)
+    if 0 < float(margin) < MIN_MARGIN:
+        raise ValueError(f"margin m = {float(margin):g} is below {MIN_MARGIN:g}, where c = 1 - 2m is within float64 "
+                         f"rounding of 1 and no bound here is rigorous; give m = 0 (exact: any N fits) or m >= "
+                         f"{MIN_MARGIN:g}")
     if dim is not None and (isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1):
         raise ValueError(f"d >= 1 (an integer dimension) fails: d = {dim!r}")
     if rel_bias is not None and abs(float(rel_bias)) > 1:
