@@ -48,7 +48,7 @@ def add_sigrel_arguments(parser) -> None:
                    help="image rows per loss block (default: about 4M logits per block)")
     g.add_argument("--sigrel-geometry", choices=tuple(GEOMETRY_PRESETS), default="cheap",
                    help="geometry metrics added to open_clip's evaluation: cheap (default: all but the exact "
-                   "trimmed percentile and the L-BFGS separability fit), full (every group), off")
+                   "trimmed percentile and the exact separability test), full (every group), off")
     g.add_argument("--sigrel-max-bad-samples", type=int, default=0,
                    help="webdataset samples a data-loader worker may skip as unreadable per epoch before the run "
                    "stops (default 0: the first corrupt sample stops it, naming the shard); the skips are logged. "
