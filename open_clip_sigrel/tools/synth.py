@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from open_clip_sigrel.bias import logit_bias_from_rel_bias, rel_bias_from_logit_bias
 from open_clip_sigrel.extras import require
+from open_clip_sigrel.io import check_writable_dir
 from open_clip_sigrel.loss import (
     GRAPHS,
     NORMALIZATIONS,
@@ -619,21 +620,8 @@ def _jsonable_config(cfg: SynthConfig) -> dict[str, Any]:
 
 
 def check_output_dir(output: str | os.PathLike) -> str:
-    """``output`` as a str, ValueError unless it is (or can be created as) a writable directory.
-
-    Creates nothing: the nearest existing ancestor must be a writable directory."""
-    path = os.path.abspath(os.fspath(output))
-    probe = path
-    while not os.path.exists(probe):
-        parent = os.path.dirname(probe)
-        if parent == probe:
-            break
-        probe = parent
-    if not os.path.isdir(probe):
-        raise ValueError(f"output {os.fspath(output)!r}: {probe!r} is not a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"output {os.fspath(output)!r}: {probe!r} is not writable")
-    return os.fspath(output)
+    """``output`` as a str, ValueError unless it is (or can be created as) a writable directory; creates nothing."""
+    return check_writable_dir(output, what="--output")
 
 
 def write_files(output: str, writers: Mapping[str, Callable[[str], None]]) -> None:

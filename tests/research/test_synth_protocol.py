@@ -248,11 +248,11 @@ def test_unwritable_output_fails_before_training(tmp_path, monkeypatch) -> None:
         err = io.StringIO()
         with redirect_stdout(io.StringIO()), redirect_stderr(err):
             rc = cli_main(["synth", "xi", "--output", str(target), "--dims", "3", "--steps", "1", "--no-plots"])
-        assert rc == 2 and "error: output" in err.getvalue() and "not a directory" in err.getvalue()
+        assert rc == 2 and "error: --output" in err.getvalue() and "not a directory" in err.getvalue()
         err = io.StringIO()
         with redirect_stdout(io.StringIO()), redirect_stderr(err):
             rc = cli_main(["synth", "report", "--output", str(target), "--seeds", "1", "--no-plots"])
-        assert rc == 2 and "error: output" in err.getvalue()
+        assert rc == 2 and "error: --output" in err.getvalue()
     assert blocker.read_text() == "x"
 
 
