@@ -151,6 +151,53 @@ def test_atomic_save_survives_a_kill_mid_write(tmp_path, python):
     assert checkpoint.latest_complete_checkpoint(None, str(tmp_path) + "/", False) == str(path)  # ... nor picked
 
 
+SLOW_SAVE = textwrap.dedent("""
+    # rank 0 holds its epoch-2 checkpoint half-written (the bytes out, not yet renamed) long enough to be killed
+    import os, sys, time, torch
+    save = torch.save
+
+    def slow_save(obj, f, *a, **kw):
+        save(obj, f, *a, **kw)
+        if "epoch_2.pt.partial-" in getattr(f, "name", ""):
+            f.flush()
+            time.sleep(120)
+
+    torch.save = slow_save
+    from open_clip_sigrel.cli.train import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_kill_of_rank_0_during_a_save_leaves_a_resumable_run(digits_data, tmp_path, python):
+    """SIGKILL of rank 0 of a 2-rank run while it writes epoch_2.pt: epoch_1.pt stays whole, no epoch_2.pt
+    appears, and --resume latest continues from epoch 1."""
+    script = tmp_path / "slow_save.py"
+    script.write_text(SLOW_SAVE)
+    argv = _argv(digits_data, tmp_path, "killed", "--loss", "sigrel", "--train-num-samples", "128", epochs=3)
+    cmd = [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), "--", *argv]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = tmp_path / "killed" / "checkpoints"
+    try:
+        deadline = time.monotonic() + 300
+        partial = None
+        while partial is None and time.monotonic() < deadline and proc.poll() is None:
+            partial = next(ckpts.glob("epoch_2.pt.partial-*"), None)
+            time.sleep(0.2)
+        assert partial is not None, "rank 0 never started writing epoch_2.pt"
+        os.kill(int(partial.name.rsplit("-", 1)[1]), signal.SIGKILL)  # the writer's pid is in the name
+        proc.wait(timeout=120)  # torchrun stops the other rank too
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert not (ckpts / "epoch_2.pt").exists()
+    assert checkpoint.incomplete(str(ckpts / "epoch_1.pt")) is None
+    resumed = _argv(digits_data, tmp_path, "killed", "--loss", "sigrel", "--train-num-samples", "128",
+                    "--resume", "latest", epochs=2)
+    assert sigrel_train.main(resumed) == 0
+    assert torch.load(ckpts / "epoch_2.pt", map_location="cpu", weights_only=True)["epoch"] == 2
+
+
 @pytest.fixture(scope="module")
 def trained(digits_data, tmp_path_factory):
     """A 2-epoch --loss sigrel run with a checkpoint per epoch."""
