@@ -7,7 +7,8 @@ Ignoring"), and a corrupt shard trains silently on part of its data. Two guards:
   check_shards(args)   before work, on every rank: each local shard named by --train-data /
                        --val-data exists, is a complete tar (every header readable to the end) and
                        holds at least one image with a caption. Remote URLs (pipe:, s3://, http://)
-                       are left to the loader.
+                       are left to the loader. A CSV (open_clip's CsvDataset): the file, its two
+                       columns and the first CSV_IMAGES_CHECKED image files.
   SampleGuard          replaces ``log_and_continue`` (and the handler bound into
                        ``tarfile_to_samples_nothrow``) for the run: a data-loader worker skips at most
                        --sigrel-max-bad-samples unreadable samples (default 0), each logged once, and
@@ -30,6 +31,11 @@ IMAGE_EXTS = ("jpg", "png", "jpeg", "webp")  # open_clip's wds.rename(image="jpg
 def _is_webdataset(args: argparse.Namespace, urls: str) -> bool:
     kind = getattr(args, "dataset_type", "auto")
     return kind == "webdataset" or (kind == "auto" and ".tar" in urls.split("::")[0])
+
+
+def _is_csv(args: argparse.Namespace, urls: str) -> bool:
+    kind = getattr(args, "dataset_type", "auto")
+    return kind == "csv" or (kind == "auto" and urls.split("::")[0].endswith((".csv", ".tsv")))
 
 
 def _shards(urls: str) -> list[str]:
@@ -64,10 +70,45 @@ def shard_problem(path: str) -> str | None:
     return None
 
 
+CSV_IMAGES_CHECKED = 64  # image paths of a CSV checked before work (all of them would cost a stat per sample)
+
+
+def csv_problem(path: str, args: argparse.Namespace) -> str | None:
+    """Why a local CSV (open_clip's CsvDataset) cannot train (None when it can): the file, its two columns
+    (--csv-img-key, --csv-caption-key under --csv-separator), and its first image files."""
+    import pandas as pd
+
+    if not os.path.isfile(path):
+        return "does not exist"
+    sep = getattr(args, "csv_separator", "\t")
+    keys = (getattr(args, "csv_img_key", "filepath"), getattr(args, "csv_caption_key", "title"))
+    try:
+        df = pd.read_csv(path, sep=sep, nrows=CSV_IMAGES_CHECKED)
+    except Exception as e:  # pandas' parser errors have no common base
+        return f"cannot be read as a CSV with separator {sep!r} ({e})"
+    missing = [k for k in keys if k not in df.columns]
+    if missing:
+        return (f"has no column {', '.join(map(repr, missing))} (--csv-img-key / --csv-caption-key; its columns: "
+                f"{', '.join(map(str, df.columns))})")
+    if df.empty:
+        return "has no rows"
+    absent = [str(f) for f in df[keys[0]] if not os.path.exists(str(f))]
+    if absent:
+        return f"names image files that do not exist, e.g. {absent[0]} ({len(absent)} of its first {len(df)} rows)"
+    return None
+
+
 def check_shards(args: argparse.Namespace) -> None:
-    """Every local webdataset shard of the run is readable and holds samples; else an error naming it."""
+    """Every local webdataset shard (or CSV) of the run is readable and holds samples; else an error naming it."""
     for flag, urls in (("--train-data", args.train_data), ("--val-data", args.val_data)):
-        if not urls or not _is_webdataset(args, urls):
+        if not urls:
+            continue
+        if _is_csv(args, urls) and "://" not in urls:
+            why = csv_problem(urls, args)
+            if why is not None:
+                raise SigrelOptionError(f"{flag}: CSV {urls} {why}")
+            continue
+        if not _is_webdataset(args, urls):
             continue
         for shard in _shards(urls):
             if "://" in shard or shard.startswith("pipe:"):

@@ -84,6 +84,30 @@ def test_bad_shard_stops_before_work_naming_it(digits_data, tmp_path, capsys, ca
     assert not (tmp_path / "logs" / "bad").exists()
 
 
+@pytest.mark.parametrize("case", ["missing", "no column", "no image"])
+def test_bad_csv_stops_before_work_naming_it(digits_data, tmp_path, capsys, case):
+    good = Path(digits_data["train_csv"]).read_text().splitlines()
+    path = tmp_path / "train.csv"
+    if case == "no column":
+        path.write_text("\n".join([good[0].replace("title", "caption"), *good[1:]]) + "\n")
+        problem = "has no column 'title'"
+    elif case == "no image":
+        first = good[1].split("\t")
+        path.write_text("\n".join([good[0], "\t".join([str(tmp_path / "gone.png"), *first[1:]]), *good[2:]]) + "\n")
+        problem = f"names image files that do not exist, e.g. {tmp_path / 'gone.png'}"
+    else:
+        problem = "does not exist"
+    argv = _argv(digits_data, tmp_path / "logs", "csv", "--loss", "sigrel", train_data=str(path))
+    argv[argv.index("webdataset")] = "csv"
+    _fails_before_work(argv, capsys, f"CSV {path}", problem)
+
+
+def test_good_csv_passes_the_check(digits_data):
+    args = sigrel_train.parse_args(["--train-data", digits_data["train_csv"], "--dataset-type", "csv",
+                                    "--csv-img-key", "filepath", "--csv-caption-key", "title"])
+    data_guard.check_shards(args)
+
+
 def _with_corrupt_sample(tmp_path, good):
     """A copy of a good shard with one more sample whose jpg cannot be decoded."""
     out = tmp_path / "corrupt.tar"
