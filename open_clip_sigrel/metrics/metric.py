@@ -10,6 +10,11 @@ retrieval ranks and the loss all involve the pairs *across* batches and ranks (x
 y_j of another), so no fixed-size summary gives the same numbers. The state is O(N d); the work stays
 in one call to ``geometry_metrics`` at the end.
 
+Several captions per image (``update(images, captions, text_image=owner)``, the convention of
+``geometry_metrics``): each update also records its segment (#images, #captions) and the captions'
+owners within the update; after the gather (segments in rank order, then update order) each owner is
+shifted by the images before its segment, so the result equals one call on the concatenated features.
+
 >>> import torch
 >>> g = torch.Generator().manual_seed(0)
 >>> x, y = torch.randn(10, 4, generator=g), torch.randn(10, 4, generator=g)
@@ -26,7 +31,7 @@ from typing import Any
 import torch
 
 from open_clip_sigrel.metrics.geometry import geometry_metrics, metric_groups
-from open_clip_sigrel.metrics.inputs import to_tensor
+from open_clip_sigrel.metrics.inputs import caption_owners, to_tensor
 
 __all__ = ["GeometryMetric"]
 
@@ -56,6 +61,10 @@ class GeometryMetric:
         self._reductions: dict[str, str] = {}
         self.add_state("image_features", dist_reduce_fx="cat")
         self.add_state("text_features", dist_reduce_fx="cat")
+        # float64 columns gather like the features (integers < 2^53 are exact): each caption's image
+        # within its update, and per update (#images, #captions)
+        self.add_state("text_image", dist_reduce_fx="cat")
+        self.add_state("segments", dist_reduce_fx="cat")
 
     # -- state
     def add_state(self, name: str, dist_reduce_fx: str = "cat") -> None:
@@ -71,18 +80,22 @@ class GeometryMetric:
 
     @property
     def n_pairs(self) -> int:
-        """Pairs held locally (this rank)."""
-        return sum(t.shape[0] for t in self.image_features)
+        """(image, caption) pairs held locally (this rank): one per caption."""
+        return sum(t.shape[0] for t in self.text_features)
 
-    def update(self, image_features: Any, text_features: Any) -> None:
-        """Adds a batch of matched pairs (row i of each is pair i); the state keeps its own copy."""
+    def update(self, image_features: Any, text_features: Any, text_image: Any = None) -> None:
+        """Adds a batch: matched pairs (row i of each is pair i), or with ``text_image`` several captions per
+        image (caption j belongs to image ``text_image[j]`` of this batch). The state keeps its own copy."""
         x, y = to_tensor(image_features, "image_features"), to_tensor(text_features, "text_features")
         for name, t in (("image_features", x), ("text_features", y)):
             if t.ndim != 2:
                 raise ValueError(f"{name} must be 2-D (batch, d), got shape {tuple(t.shape)}")
-        if x.shape != y.shape:
+        if text_image is None and x.shape != y.shape:
             raise ValueError(f"image_features and text_features must have the same shape (matched pairs), got "
-                             f"{tuple(x.shape)} and {tuple(y.shape)}")
+                             f"{tuple(x.shape)} and {tuple(y.shape)}; several captions per image need text_image")
+        if x.shape[1] != y.shape[1]:
+            raise ValueError(f"image_features and text_features must have the same dimension, got {x.shape[1]} "
+                             f"and {y.shape[1]}")
         if x.device != y.device:
             raise ValueError(f"image_features is on {x.device} but text_features on {y.device}")
         if self.image_features:
@@ -91,8 +104,12 @@ class GeometryMetric:
                 raise ValueError(f"features have dimension {x.shape[1]}, earlier batches {first.shape[1]}")
             if x.device != first.device:
                 raise ValueError(f"features are on {x.device}, earlier batches on {first.device}")
+        owner = (torch.arange(x.shape[0], device=x.device) if text_image is None
+                 else caption_owners(text_image, x.shape[0], y.shape[0], x.device))
         self.image_features.append(x.clone())
         self.text_features.append(y.clone())
+        self.text_image.append(owner.to(torch.float64).reshape(-1, 1))
+        self.segments.append(torch.tensor([[x.shape[0], y.shape[0]]], dtype=torch.float64, device=x.device))
 
     def merge(self, other: GeometryMetric) -> GeometryMetric:
         """Folds ``other``'s state into this one (its pairs after ours); returns self."""
@@ -134,7 +151,19 @@ class GeometryMetric:
         if x is None:
             raise ValueError("GeometryMetric.compute() before any update: no pairs")
         return geometry_metrics(x, y, self.logit_scale, self.logit_bias, metrics=self.metrics,
-                                chunk_size=self.chunk_size)
+                                chunk_size=self.chunk_size, text_image=_global_owners(state))
+
+
+def _global_owners(state: dict) -> torch.Tensor | None:
+    """Each caption's image in the concatenated features (None: one caption per image, in order)."""
+    segments = state["segments"].to(torch.int64)
+    local = state["text_image"].reshape(-1).to(torch.int64)
+    images_before = torch.cumsum(segments[:, 0], 0) - segments[:, 0]
+    owner = local + torch.repeat_interleave(images_before, segments[:, 1])
+    n = int(segments[:, 0].sum())
+    if owner.numel() == n and torch.equal(owner, torch.arange(n, device=owner.device)):
+        return None
+    return owner
 
 
 def _all_gather_rows(local: torch.Tensor | None, group, name: str) -> torch.Tensor | None:

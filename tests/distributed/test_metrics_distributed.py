@@ -33,6 +33,14 @@ def _features(case: str) -> tuple[torch.Tensor, torch.Tensor]:
     return x, x + 0.8 * torch.randn(n, D, generator=g, dtype=torch.float64) + 0.1
 
 
+def _captions(case: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """1 to 3 captions per image of a case (in image order) and each caption's image."""
+    x, _ = _features(case)
+    owner = torch.repeat_interleave(torch.arange(x.shape[0]), 1 + torch.arange(x.shape[0]) % 3)
+    g = torch.Generator().manual_seed(x.shape[0])
+    return x[owner] + 0.8 * torch.randn(owner.numel(), D, generator=g, dtype=torch.float64) + 0.1, owner
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -62,6 +70,19 @@ def _rank_worker(rank: int, ports: dict, out_dir: str) -> None:
                 local = m.n_pairs
                 results[name] = m.compute()
                 assert m.n_pairs == local  # compute gathers into a copy: the local state is unchanged
+            captions, owner = _captions(case)
+            m = GeometryMetric(**KW)
+            lo = start
+            for n in sizes[rank]:  # an update holds its images' captions, owners counted within the update
+                mine = (owner >= lo) & (owner < lo + n)
+                m.update(x[lo:lo + n], captions[mine], text_image=owner[mine] - lo)
+                lo += n
+            results["multi"] = m.compute()
+            m = GeometryMetric(**KW)
+            lo = start
+            for n in sizes[rank]:
+                m.update(x[lo:lo + n], y[lo:lo + n])
+                lo += n
             state = m.sync_state()
             results["gathered"] = {k: v.tolist() for k, v in state.items()}
             (Path(out_dir) / f"{case}_r{rank}.json").write_text(json.dumps(results))
@@ -85,12 +106,16 @@ def rank_results(tmp_path_factory) -> dict:
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_rank_gets_the_one_shot_numbers(rank_results, case):
     x, y = _features(case)
-    want = {"all": geometry_metrics(x, y, **KW), "cheap": geometry_metrics(x, y, metrics=CHEAP_GROUPS, **KW)}
+    captions, owner = _captions(case)
+    want = {"all": geometry_metrics(x, y, **KW), "cheap": geometry_metrics(x, y, metrics=CHEAP_GROUPS, **KW),
+            "multi": geometry_metrics(x, captions, text_image=owner, **KW)}
+    assert want["multi"]["n_pairs"] == owner.numel() > x.shape[0]
     assert want["all"]["n_pairs"] == x.shape[0]
     # JSON round-trips Python floats exactly, so == is bit-for-bit equality
     want = json.loads(json.dumps(want))
     for rank, got in enumerate(rank_results[case]):
         # every rank holds every shard, in rank order
-        assert got.pop("gathered") == {"image_features": x.tolist(), "text_features": y.tolist()}, (case, rank)
+        gathered = got.pop("gathered")
+        assert (gathered["image_features"], gathered["text_features"]) == (x.tolist(), y.tolist()), (case, rank)
         assert got == want, (case, rank)
 

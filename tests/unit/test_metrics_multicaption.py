@@ -203,3 +203,24 @@ def test_rows_of_extreme_scale_give_the_metrics_of_the_unit_rows(scale):
 def test_malformed_features_raise_value_errors(bad, match):
     with pytest.raises(ValueError, match=match):
         geometry_metrics(bad, np.eye(2))
+
+
+def test_geometry_metric_with_several_captions_per_image_equals_the_one_shot_call():
+    """Updates of unequal sizes, each with its own captions (owners within the update), and a merge."""
+    from open_clip_sigrel.metrics import GeometryMetric
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(17, 5, generator=g, dtype=torch.float64)
+    owner = torch.repeat_interleave(torch.arange(17), 1 + torch.arange(17) % 3)
+    y = x[owner] + 0.7 * torch.randn(owner.numel(), 5, generator=g, dtype=torch.float64)
+    want = geometry_metrics(x, y, 8.0, -2.0, text_image=owner)
+    a, b = GeometryMetric(logit_scale=8.0, logit_bias=-2.0), GeometryMetric(logit_scale=8.0, logit_bias=-2.0)
+    for lo, hi, m in ((0, 6, a), (6, 7, a), (7, 17, b)):
+        mine = (owner >= lo) & (owner < hi)
+        m.update(x[lo:hi], y[mine], text_image=owner[mine] - lo)
+    assert a.merge(b).compute() == want
+    assert a.n_pairs == owner.numel()
+    with pytest.raises(ValueError, match="has no caption"):
+        GeometryMetric().update(x[:3], y[:2], text_image=torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="need text_image"):
+        GeometryMetric().update(x[:3], y[:2])
