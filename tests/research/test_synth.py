@@ -22,14 +22,6 @@ from open_clip_sigrel.tools.synth import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _by_name(results: list[dict]) -> dict[str, dict]:
     return {r["spec"]["name"]: r["final"] for r in results}
 

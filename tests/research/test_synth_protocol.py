@@ -18,14 +18,6 @@ from open_clip_sigrel.tools import synth
 from open_clip_sigrel.tools.synth import RunSpec, SynthConfig, build_batches, run_experiment, train_runs
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _inputs(r=3, n=9, d=4, seed=0):
     gen = torch.Generator().manual_seed(seed)
     x = F.normalize(torch.randn(r, n, d, generator=gen, dtype=torch.float64), dim=-1).requires_grad_()

@@ -8,19 +8,10 @@ from contextlib import redirect_stdout
 from itertools import product
 
 import pytest
-import torch
 
 from open_clip_sigrel.cli import main as cli_main
 from open_clip_sigrel.tools import synth_report as rep
 from open_clip_sigrel.tools.synth import EXPERIMENTS, SynthConfig
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.mark.parametrize("authors, norm, exact", list(product([False, True], repeat=3)))
